@@ -1,0 +1,31 @@
+"""Our own implementation of the Ouro LoopLM, registered with transformers' Auto classes on import."""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from ouro_train.model.cache import OuroCache
+from ouro_train.model.configuration import OuroConfig
+from ouro_train.model.modeling import (
+    CHECKPOINT_GRANULARITIES,
+    OuroCausalLMOutput,
+    OuroForCausalLM,
+    OuroModel,
+    OuroModelOutput,
+    exit_pdf,
+    threshold_exit_steps,
+)
+
+AutoConfig.register(OuroConfig.model_type, OuroConfig, exist_ok=True)
+AutoModel.register(OuroConfig, OuroModel, exist_ok=True)
+AutoModelForCausalLM.register(OuroConfig, OuroForCausalLM, exist_ok=True)
+
+__all__ = [
+    "CHECKPOINT_GRANULARITIES",
+    "OuroCache",
+    "OuroCausalLMOutput",
+    "OuroConfig",
+    "OuroForCausalLM",
+    "OuroModel",
+    "OuroModelOutput",
+    "exit_pdf",
+    "threshold_exit_steps",
+]

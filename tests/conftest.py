@@ -1,0 +1,60 @@
+"""Shared test helpers: the `../shared` reference folder (skipped with a reason where absent) and tiny models."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED = REPO_ROOT.parent / "shared"
+
+
+def shared_path(*parts: str) -> Path:
+    """A file under ../shared, or skip the test: a user's clone has no ../shared (CI always has it)."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} not present (reference files live in ../shared beside the repository)")
+    return path
+
+
+def tiny_config(**overrides):
+    from ouro_train import OuroConfig
+
+    values = dict(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=112,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        total_ut_steps=3,
+        rope_theta=10000.0,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    values.update(overrides)
+    return OuroConfig(**values)
+
+
+def tiny_model(seed: int = 0, attn_implementation: str = "sdpa", **overrides):
+    """A tiny random Ouro with norms and exit gate moved away from their initial values."""
+    from ouro_train import OuroForCausalLM
+
+    torch.manual_seed(seed)
+    config = tiny_config(**overrides)
+    config._attn_implementation = attn_implementation
+    model = OuroForCausalLM(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name or "early_exit_gate" in name:
+                param.add_(torch.randn_like(param) * 0.5)
+    return model.eval()
