@@ -1,0 +1,129 @@
+"""Forward+backward throughput and peak memory of the Ouro model alone (no optimizer, no DeepSpeed).
+
+    python bench/model_step.py                               # CPU, tiny model
+    python bench/model_step.py --shape 1.4b --seq 4096 8192  # CUDA, Ouro-1.4B shapes, bf16
+
+Prints a table (tokens/s, MFU on CUDA, peak memory) and writes JSON (`--json`). The loss is upstream's
+(cross-entropy of the exit-pdf-weighted logits); inputs are packed documents of random length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ouro_train.model import CHECKPOINT_GRANULARITIES, OuroConfig, OuroForCausalLM
+
+SHAPES = {
+    "tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
+                 head_dim=32),
+    "1.4b": dict(vocab_size=49152, hidden_size=2048, intermediate_size=5632, num_hidden_layers=24,
+                 num_attention_heads=16, head_dim=128),
+}
+H100_BF16_PEAK = 785e12  # measured dense bf16 matmul FLOP/s of the reference H100
+
+
+def flops_per_token(config: OuroConfig, seq: int, steps: int) -> float:
+    """6·N per token for the looped matmuls (each layer applied T times) + attention, no recomputation."""
+    d, L = config.hidden_size, config.num_hidden_layers
+    per_layer = 4 * d * config.num_attention_heads * config.resolved_head_dim + 3 * d * config.intermediate_size
+    head = config.vocab_size * d
+    attention = 6 * steps * L * seq * config.num_attention_heads * config.resolved_head_dim  # causal half of 12·S·d
+    return 6 * (steps * L * per_layer + head) + attention
+
+
+def packed_batch(vocab: int, seq: int, device, gen: torch.Generator):
+    lengths, left = [], seq
+    while left > 0:
+        n = min(left, int(torch.randint(seq // 8 + 1, seq // 2 + 2, (1,), generator=gen)))
+        lengths.append(n)
+        left -= n
+    ids = torch.randint(17, vocab, (1, seq), generator=gen)
+    pos = torch.cat([torch.arange(n) for n in lengths])[None]
+    return ids.to(device), pos.to(device)
+
+
+def run(args, seq: int, granularity: str) -> dict:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    config = OuroConfig(**SHAPES[args.shape], num_key_value_heads=None, total_ut_steps=args.steps,
+                        max_position_embeddings=max(seq, 4096), pad_token_id=0)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = OuroForCausalLM(config).to(dtype).train()
+    model.set_activation_checkpointing(granularity)
+    gen = torch.Generator().manual_seed(0)
+    ids, pos = packed_batch(config.vocab_size, seq, device, gen)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    try:
+        for i in range(args.warmup + args.iters):
+            start = time.perf_counter()
+            loss = model(ids, position_ids=pos, labels=ids, use_cache=False).loss
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= args.warmup:
+                times.append(time.perf_counter() - start)
+            loss = float(loss.detach())
+    except torch.OutOfMemoryError:
+        return dict(seq=seq, checkpointing=granularity, error="out of memory")
+    step = sorted(times)[len(times) // 2]
+    tok_s = seq / step
+    result = dict(seq=seq, checkpointing=granularity, device=device.type, dtype=str(dtype), steps=args.steps,
+                  tok_per_s=tok_s, step_s=step, loss=loss)
+    if device.type == "cuda":
+        result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        result["mfu"] = tok_s * flops_per_token(config, seq, args.steps) / H100_BF16_PEAK
+    else:  # each configuration runs in its own process, so this is its own peak
+        result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return result
+
+
+def run_isolated(seq: int, granularity: str) -> dict:
+    """One configuration in a fresh process: peak memory figures must not leak between runs."""
+    cmd = [sys.executable, __file__, "--one", str(seq), granularity, *sys.argv[1:]]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", choices=sorted(SHAPES), default="1.4b" if torch.cuda.is_available() else "tiny")
+    p.add_argument("--seq", type=int, nargs="+", default=[4096, 8192] if torch.cuda.is_available() else [512, 1024])
+    p.add_argument("--checkpointing", nargs="+", default=["layer", "step+layer"], choices=CHECKPOINT_GRANULARITIES)
+    p.add_argument("--steps", type=int, default=4, help="recurrent steps T")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--json", type=Path, default=Path("outputs/bench/model_step.json"))
+    p.add_argument("--one", nargs=2, metavar=("SEQ", "CHECKPOINTING"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.one:
+        print(json.dumps(run(args, int(args.one[0]), args.one[1])))
+        return
+
+    results = [run_isolated(seq, g) for seq in args.seq for g in args.checkpointing]
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(dict(shape=args.shape, torch=torch.__version__, results=results), indent=2))
+    mem_key = "peak_gib" if torch.cuda.is_available() else "peak_rss_gib"
+    print(f"\nshape={args.shape} T={args.steps} ({args.json})")
+    print(f"{'seq':>6} {'checkpointing':>13} {'tok/s':>10} {'MFU':>6} {mem_key:>14}")
+    for r in results:
+        if "error" in r:
+            print(f"{r['seq']:>6} {r['checkpointing']:>13} {r['error']:>32}")
+            continue
+        mfu = f"{r['mfu']:.1%}" if "mfu" in r else "-"
+        print(f"{r['seq']:>6} {r['checkpointing']:>13} {r['tok_per_s']:>10,.0f} {mfu:>6} {r[mem_key]:>14.2f}")
+
+
+if __name__ == "__main__":
+    main()
