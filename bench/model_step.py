@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ouro_train.model import CHECKPOINT_GRANULARITIES, OuroConfig, OuroForCausalLM
+from ouro_train.model.flops import H100_BF16_PEAK_FLOPS, training_flops_per_token
 
 SHAPES = {
     "tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
@@ -27,18 +28,6 @@ SHAPES = {
     "1.4b": dict(vocab_size=49152, hidden_size=2048, intermediate_size=5632, num_hidden_layers=24,
                  num_attention_heads=16, head_dim=128),
 }
-H100_BF16_PEAK = 785e12  # measured dense bf16 matmul FLOP/s of the reference H100
-
-
-def flops_per_token(config: OuroConfig, seq: int, steps: int) -> float:
-    """6·N per token for the looped matmuls (each layer applied T times) + attention, no recomputation."""
-    d, L = config.hidden_size, config.num_hidden_layers
-    per_layer = 4 * d * config.num_attention_heads * config.resolved_head_dim + 3 * d * config.intermediate_size
-    head = config.vocab_size * d
-    attention = 6 * steps * L * seq * config.num_attention_heads * config.resolved_head_dim  # causal half of 12·S·d
-    return 6 * (steps * L * per_layer + head) + attention
-
-
 def packed_batch(vocab: int, seq: int, device, gen: torch.Generator):
     lengths, left = [], seq
     while left > 0:
@@ -83,7 +72,7 @@ def run(args, seq: int, granularity: str) -> dict:
                   tok_per_s=tok_s, step_s=step, loss=loss)
     if device.type == "cuda":
         result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        result["mfu"] = tok_s * flops_per_token(config, seq, args.steps) / H100_BF16_PEAK
+        result["mfu"] = tok_s * training_flops_per_token(config, seq) / H100_BF16_PEAK_FLOPS
     else:  # each configuration runs in its own process, so this is its own peak
         result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return result

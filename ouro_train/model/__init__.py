@@ -11,6 +11,7 @@ from ouro_train.model.modeling import (
     OuroModel,
     OuroModelOutput,
     exit_pdf,
+    mixture_logits,
     threshold_exit_steps,
 )
 
@@ -27,5 +28,6 @@ __all__ = [
     "OuroModel",
     "OuroModelOutput",
     "exit_pdf",
+    "mixture_logits",
     "threshold_exit_steps",
 ]

@@ -53,6 +53,7 @@ class OuroCausalLMOutput(ModelOutput):
     attentions: tuple[torch.Tensor, ...] | None = None
     exit_pdf: torch.Tensor | None = None  # [B, S, T] over the full sequence
     step_hidden_states: tuple[torch.Tensor, ...] | None = None
+    gate_logits: torch.Tensor | None = None  # [B, S, T]
 
 
 def exit_pdf(gate_logits: torch.Tensor) -> torch.Tensor:
@@ -65,6 +66,15 @@ def exit_pdf(gate_logits: torch.Tensor) -> torch.Tensor:
         survival = survival * (1 - lam[..., t])
     probs.append(survival)
     return torch.stack(probs, dim=-1)
+
+
+def mixture_logits(lm_head: nn.Module, states: tuple[torch.Tensor, ...], pdf: torch.Tensor) -> torch.Tensor:
+    """Σ_t p_t · lm_head(h_t), accumulated in the activation dtype in step order (as upstream)."""
+    total = None
+    for t, h in enumerate(states):
+        term = pdf[..., t : t + 1] * lm_head(h)
+        total = term if total is None else total + term
+    return total
 
 
 def threshold_exit_steps(pdf: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -248,8 +258,12 @@ class OuroForCausalLM(OuroPreTrainedModel, GenerationMixin):
         use_weighted_exit: bool = False,
         total_ut_steps: int | None = None,
         cu_seq_lens: torch.Tensor | None = None,
+        compute_logits: bool = True,
         **kwargs,
     ) -> OuroCausalLMOutput | tuple:
+        """Upstream's call signature, plus `total_ut_steps` and `cu_seq_lens` per call, and
+        `compute_logits=False` (without labels) to return only the exit pdf, gate logits and step
+        states: training objectives apply the head themselves."""
         if output_attentions:
             raise ValueError("output_attentions is not supported by OuroForCausalLM (fused attention kernels)")
         out = self.model(
@@ -273,9 +287,11 @@ class OuroForCausalLM(OuroPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             # Upstream's training loss: cross-entropy of the exit-pdf-weighted mixture of step logits.
-            logits = self.expected_logits(tuple(kept(s) for s in states), kept(pdf))
+            logits = mixture_logits(self.lm_head, tuple(kept(s) for s in states), kept(pdf))
             loss_kwargs = {k: v for k, v in kwargs.items() if k in _LOSS_KWARGS}
             loss = self.loss_function(logits, labels, self.vocab_size, **loss_kwargs)
+        elif not compute_logits:
+            logits = None
         else:
             logits = self._inference_logits(tuple(kept(s) for s in states), kept(pdf), exit_at_step, exit_threshold,
                                             use_weighted_exit)
@@ -287,16 +303,9 @@ class OuroForCausalLM(OuroPreTrainedModel, GenerationMixin):
             hidden_states=out.hidden_states,
             exit_pdf=pdf,
             step_hidden_states=states,
+            gate_logits=out.gate_logits,
         )
         return result if return_dict is not False else result.to_tuple()
-
-    def expected_logits(self, states: tuple[torch.Tensor, ...], pdf: torch.Tensor) -> torch.Tensor:
-        """Σ_t p_t · lm_head(h_t), accumulated in the activation dtype in step order (as upstream)."""
-        total = None
-        for t, h in enumerate(states):
-            term = pdf[..., t : t + 1] * self.lm_head(h)
-            total = term if total is None else total + term
-        return total
 
     def _inference_logits(self, states, pdf, exit_at_step, exit_threshold, use_weighted_exit) -> torch.Tensor:
         steps = len(states)
@@ -315,5 +324,5 @@ class OuroForCausalLM(OuroPreTrainedModel, GenerationMixin):
             index = chosen[..., None, None].expand(-1, -1, 1, stacked.shape[-1])
             return self.lm_head(stacked.gather(2, index).squeeze(2))
         if use_weighted_exit:
-            return self.expected_logits(states, pdf)
+            return mixture_logits(self.lm_head, states, pdf)
         return self.lm_head(states[-1])
