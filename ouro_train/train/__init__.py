@@ -1,0 +1,1 @@
+"""Training: `ouro-train`, a Hydra main over recipes/ driving a DeepSpeed engine."""

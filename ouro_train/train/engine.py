@@ -1,0 +1,157 @@
+"""The DeepSpeed engine: its JSON config built from the recipe, the learning-rate schedule, and the
+process group.
+
+DeepSpeed owns the optimizer (FusedAdam on GPU, torch Adam on CPU, CPU Adam under offload), ZeRO
+partitioning, gradient clipping and accumulation, stepping the schedule, and checkpoints. The schedule
+itself is ours (a `LambdaLR` handed to DeepSpeed): DeepSpeed's `WarmupCosineLR` forces at least two
+warmup steps and runs the first update at `warmup_min_ratio · lr`, which is 0 for a plain warmup.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+ZERO_PRESETS = ("zero0", "zero1", "zero2", "zero3", "zero3_offload")
+
+
+@dataclass
+class DeepSpeedConfig:
+    """Config group `deepspeed` (recipes/deepspeed/*.yaml)."""
+
+    zero_stage: int = 2
+    offload_optimizer: bool = False  # ZeRO-Offload: optimizer states + step on the CPU
+    offload_params: bool = False  # ZeRO-3 only: parameters on the CPU between uses
+    bf16: str = "auto"  # auto: bf16 on CUDA, fp32 elsewhere; or "true" / "false"
+    overlap_comm: bool = True
+    reduce_bucket_size: int = 200_000_000
+    stage3_param_persistence_threshold: int = 100_000  # 0 in tests: tiny models would never be partitioned
+    extra: Dict[str, Any] = field(default_factory=dict)  # raw DeepSpeed keys merged last
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-5
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.0  # applied to matrices only, never to norms, biases or the exit gate bias
+    grad_clip: float = 1.0
+    warmup_ratio: float = 0.0  # of the total optimizer steps; warmup_steps wins when set
+    warmup_steps: Optional[int] = None
+    min_lr_ratio: float = 0.0  # cosine decays from lr to lr · min_lr_ratio
+
+
+def bf16_enabled(cfg: DeepSpeedConfig) -> bool:
+    if cfg.bf16 not in ("auto", "true", "false"):
+        raise ValueError(f"deepspeed.bf16 must be auto|true|false, got {cfg.bf16!r}")
+    return torch.cuda.is_available() if cfg.bf16 == "auto" else cfg.bf16 == "true"
+
+
+def build_ds_config(
+    ds: DeepSpeedConfig, optim: OptimConfig, *, micro_batch: int, grad_accum: int, world_size: int
+) -> dict:
+    if ds.zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"deepspeed.zero_stage must be 0..3, got {ds.zero_stage}")
+    if ds.offload_params and ds.zero_stage != 3:
+        raise ValueError("deepspeed.offload_params needs zero_stage 3")
+    if ds.offload_optimizer and ds.zero_stage == 0:
+        raise ValueError("deepspeed.offload_optimizer needs zero_stage >= 1")
+    on_gpu = torch.cuda.is_available()
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.zero_stage >= 1:
+        zero.update(overlap_comm=ds.overlap_comm and on_gpu, reduce_bucket_size=ds.reduce_bucket_size,
+                    contiguous_gradients=True)
+    if ds.zero_stage == 3:
+        zero.update(stage3_param_persistence_threshold=ds.stage3_param_persistence_threshold,
+                    stage3_gather_16bit_weights_on_model_save=False)
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
+    config = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": micro_batch * grad_accum * world_size,
+        "gradient_clipping": optim.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16_enabled(ds)},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": optim.lr,
+                "betas": list(optim.betas),
+                "eps": optim.eps,
+                "weight_decay": optim.weight_decay,
+                # FusedAdam needs CUDA; on CPU DeepSpeed's torch Adam path needs no build.
+                **({} if on_gpu or ds.offload_optimizer else {"torch_adam": True}),
+            },
+        },
+        "steps_per_print": 10**12,  # progress is ours
+        "wall_clock_breakdown": False,
+    }
+    return _merge(config, ds.extra)
+
+
+def lr_lambda(optim: OptimConfig, total_steps: int):
+    """Multiplier of `optim.lr` for the update with 0-based index s: linear warmup from lr/warmup to lr,
+    then cosine decay from lr towards lr · min_lr_ratio, reached after the last update."""
+    warmup = optim.warmup_steps if optim.warmup_steps is not None else round(optim.warmup_ratio * total_steps)
+    decay_steps = max(1, total_steps - warmup)
+
+    def multiplier(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / warmup
+        progress = min(1.0, (s - warmup) / decay_steps)
+        return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return multiplier
+
+
+def scheduler_factory(optim: OptimConfig, total_steps: int):
+    """What `deepspeed.initialize(lr_scheduler=...)` calls with the optimizer it built."""
+    multiplier = lr_lambda(optim, total_steps)
+    return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    for key, value in extra.items():
+        base[key] = _merge(dict(base.get(key, {})), value) if isinstance(value, dict) else value
+    return base
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: norms, biases and other vectors are not decayed."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.dim() >= 2 else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def init_distributed() -> tuple[int, int, int]:
+    """Join (or, in a plain single process, create) the process group; returns (rank, local_rank, world)."""
+    import deepspeed
+
+    if "RANK" not in os.environ:  # a plain `ouro-train` process: a group of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    return dist.get_rank(), local_rank, dist.get_world_size()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

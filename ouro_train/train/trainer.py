@@ -1,0 +1,353 @@
+"""The training loop of `ouro-train`.
+
+    Trainer(cfg).train()
+
+Set-up (every check that can fail does so before the model is built):
+  process group -> tokenizer -> data (rank 0 prepares the cache, the others reuse it) -> batch geometry
+  -> model (pretrained or random; activation checkpointing) -> LoRA / gate freezing -> DeepSpeed engine
+  -> `output_dir/model/` (config, tokenizer, adapter config) -> resume from the newest complete checkpoint.
+
+One optimizer step:
+  take `grad_accum` micro-batches; all-reduce their supervised-token count N over the ranks; for each
+  micro-batch, forward, objective sum, and `engine.backward(sum · grad_accum · world / N)` (DeepSpeed
+  divides by grad_accum and averages over ranks, so the gradient is that of Σ token losses / N: the
+  result does not depend on how the batch is split); `engine.step()`; log; evaluate; checkpoint.
+
+SIGTERM / SIGINT: finish the current step, save a checkpoint, exit 0. A non-finite loss: the step is
+not applied (DeepSpeed skips a step whose gradient norm is not finite) and counted; `max_bad_steps` in a
+row stops the run with an error.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+from ouro_train.config import ModelInit, RunConfig, to_plain_dict
+from ouro_train.data import MicroBatchLoader, load_tokenizer, prepare, split_sources
+from ouro_train.model import OuroConfig, OuroForCausalLM
+from ouro_train.model.flops import H100_BF16_PEAK_FLOPS, training_flops_per_token
+from ouro_train.train import checkpoint
+from ouro_train.train.engine import bf16_enabled, build_ds_config, init_distributed, param_groups, scheduler_factory
+from ouro_train.train.lora import apply_lora, count_parameters
+from ouro_train.train.metrics import MetricsLogger
+from ouro_train.train.objectives import compute_objective, validate_objective
+
+class StopTraining(RuntimeError):
+    pass
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        validate_objective(cfg.objective)
+        if cfg.objective.name == "gate" and cfg.lora.enabled:
+            raise ValueError("objective.name=gate trains the exit gate alone; it cannot be combined with lora")
+        self.rank, self.local_rank, self.world = init_distributed()
+        self.is_main = self.rank == 0
+        self.output_dir = Path(cfg.output_dir)
+        self.device = torch.device("cuda", self.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        torch.manual_seed(cfg.seed + self.rank)
+
+        self.tokenizer = load_tokenizer(cfg.model, cfg.data.cache_dir)
+        self.train_data = self._prepare("train")
+        self.eval_data = self._prepare("eval") if split_sources(cfg.data, "eval") else None
+        self.loader = MicroBatchLoader(self.train_data, cfg.train.micro_batch_size, rank=self.rank,
+                                       world_size=self.world, seed=cfg.data.seed)
+        self.grad_accum = self._grad_accum()
+        self.total_steps = self._total_steps()
+
+        model = self._build_model()
+        self.engine = self._build_engine(model)
+        self.lm_head = self.engine.module.get_output_embeddings()
+        trainable, total = count_parameters(self.engine.module)
+        self.trainable_params = trainable
+        self._log(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)")
+
+        self.step = 0
+        self.tokens_seen = 0
+        self.bad_steps_in_row = 0
+        self.bad_steps_total = 0
+        self._resume()
+        if self.is_main:
+            self._write_model_dir()
+        self.metrics = MetricsLogger(
+            self.output_dir, enabled=self.is_main, total_steps=self.total_steps, start_step=self.step,
+            wandb_cfg=cfg.wandb, run_config=to_plain_dict(cfg),
+        )
+        self._stop_signal: int | None = None
+
+    # ----------------------------------------------------------------------------------- set-up
+    def _log(self, message: str) -> None:
+        if self.is_main:
+            print(message, flush=True)
+
+    def _prepare(self, split: str):
+        # Rank 0 builds the cache; the others wait and then find it complete.
+        if not self.is_main:
+            dist.barrier()
+        data = prepare(self.cfg.data, self.tokenizer, split, log=self._log)
+        if self.is_main:
+            dist.barrier()
+        return data
+
+    def _grad_accum(self) -> int:
+        t = self.cfg.train
+        per_pass = t.micro_batch_size * self.world  # sequences per micro-step over all ranks
+        if t.global_batch_size is not None and t.global_batch_tokens is not None:
+            raise ValueError("set train.global_batch_size or train.global_batch_tokens, not both")
+        sequences = t.global_batch_size
+        if t.global_batch_tokens is not None:
+            sequences = t.global_batch_tokens // self.cfg.data.max_seq_len
+        if sequences is None:
+            return 1
+        if sequences % per_pass:
+            raise ValueError(
+                f"global batch of {sequences} sequences is not a multiple of micro_batch_size × world size = "
+                f"{t.micro_batch_size} × {self.world}"
+            )
+        return sequences // per_pass
+
+    def _total_steps(self) -> int:
+        if self.cfg.max_steps is not None:
+            return self.cfg.max_steps
+        steps_per_epoch = len(self.loader) // self.grad_accum
+        if steps_per_epoch == 0:
+            raise ValueError(
+                f"one optimizer step needs {self.grad_accum} micro-batches per rank but an epoch has {len(self.loader)}"
+            )
+        return max(1, math.floor(self.cfg.train.epochs * steps_per_epoch))
+
+    def _build_model(self) -> torch.nn.Module:
+        mcfg = self.cfg.model
+        dtype = torch.bfloat16 if bf16_enabled(self.cfg.deepspeed) else torch.float32
+        self._ds_config = build_ds_config(
+            self.cfg.deepspeed, self.cfg.optim, micro_batch=self.cfg.train.micro_batch_size,
+            grad_accum=self.grad_accum, world_size=self.world,
+        )
+        if self.cfg.deepspeed.zero_stage == 3:
+            # Keeps transformers' ZeRO-3 hook alive: from_pretrained/from_config then build the model
+            # already partitioned instead of materialising it on every rank.
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self._hf_ds_config = HfDeepSpeedConfig(self._ds_config)
+        from transformers import AutoModelForCausalLM
+
+        overrides = dict(mcfg.config_overrides)
+        if mcfg.init == ModelInit.pretrained:
+            if not mcfg.path:
+                raise ValueError("model.init=pretrained needs model.path (an Ouro checkpoint directory)")
+            model = AutoModelForCausalLM.from_pretrained(
+                mcfg.path, dtype=dtype, attn_implementation=mcfg.attn_implementation, **overrides
+            )
+        else:
+            config = OuroConfig.from_pretrained(mcfg.path, **overrides) if mcfg.path else OuroConfig(**overrides)
+            if config.vocab_size < len(self.tokenizer):
+                raise ValueError(f"model vocab_size {config.vocab_size} < tokenizer size {len(self.tokenizer)}")
+            config._attn_implementation = mcfg.attn_implementation
+            torch.manual_seed(self.cfg.seed)  # identical random weights on every rank
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        if not isinstance(model, OuroForCausalLM):
+            raise ValueError(f"model.path={mcfg.path} is not an Ouro checkpoint (got {type(model).__name__})")
+        model.config.use_cache = False
+        model.set_activation_checkpointing(mcfg.checkpointing)
+        if self.cfg.lora.enabled:
+            model = apply_lora(model, self.cfg.lora)
+        if self.cfg.objective.name == "gate":
+            for name, param in model.named_parameters():
+                param.requires_grad_(name.startswith("model.early_exit_gate."))
+        return model
+
+    def _build_engine(self, model):
+        import deepspeed
+
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, model_parameters=param_groups(model, self.cfg.optim.weight_decay), config=self._ds_config,
+            lr_scheduler=scheduler_factory(self.cfg.optim, self.total_steps),
+        )
+        return engine
+
+    def _write_model_dir(self) -> None:
+        """`output_dir/model/`: what export needs besides the weights."""
+        out = self.output_dir / "model"
+        out.mkdir(parents=True, exist_ok=True)
+        base = self.engine.module.get_base_model() if self.cfg.lora.enabled else self.engine.module
+        base.config.save_pretrained(out)
+        self.tokenizer.save_pretrained(out)
+        if self.cfg.lora.enabled:
+            import json
+
+            self.engine.module.peft_config["default"].save_pretrained(out)
+            path = self.cfg.model.path if self.cfg.model.init == ModelInit.pretrained else None
+            (out / "base_model.json").write_text(json.dumps({"path": path}))
+
+    def _resume(self) -> None:
+        path = checkpoint.resolve_resume(self.cfg.resume, self.output_dir)
+        if path is None:
+            return
+        rank_state, trainer_state = checkpoint.load(self.engine, path)
+        if trainer_state["world_size"] != self.world:
+            raise RuntimeError(
+                f"{path} was written by {trainer_state['world_size']} processes; this run has {self.world}"
+            )
+        self.loader.load_state_dict(rank_state["loader"])
+        self.step = trainer_state["step"]
+        self.tokens_seen = trainer_state["tokens_seen"]
+        self.bad_steps_total = trainer_state["bad_steps_total"]
+        self._log(f"resumed from {path} at step {self.step}")
+
+    # ----------------------------------------------------------------------------------- loop
+    def _micro_batches(self) -> Iterator[dict]:
+        while True:  # epochs; the loader's state follows every micro-batch taken
+            yield from self.loader
+
+    def train(self) -> None:
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            self._train()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            self.metrics.close()
+
+    def _on_signal(self, signum, frame) -> None:
+        self._stop_signal = signum
+
+    def _train(self) -> None:
+        c = self.cfg
+        stream = self._micro_batches()
+        self.engine.train()
+        while self.step < self.total_steps:
+            start = time.perf_counter()
+            record = self._optimizer_step([next(stream) for _ in range(self.grad_accum)])
+            self.step += 1
+            record["tok_per_s"] = record["tokens"] / (time.perf_counter() - start)
+            self._add_device_stats(record)
+            self.metrics.log({"step": self.step, **record})
+            if self.bad_steps_in_row >= c.train.max_bad_steps:
+                raise StopTraining(
+                    f"loss was not finite for {self.bad_steps_in_row} optimizer steps in a row (last: step "
+                    f"{self.step}); stopping. Check the data and lower optim.lr."
+                )
+            if self.eval_data is not None and c.eval.every_n_steps and self.step % c.eval.every_n_steps == 0:
+                self.evaluate()
+            stop = self._stop_requested()
+            if stop or self.step == self.total_steps or self.step % c.checkpoint.every_n_steps == 0:
+                self.save()
+            if stop:
+                self._log(f"stopped by signal {self._stop_signal} after step {self.step}; checkpoint saved")
+                return
+        if self.eval_data is not None and c.eval.every_n_steps and self.step % c.eval.every_n_steps:
+            self.evaluate()
+        if c.export_at_end and self.is_main:
+            from ouro_train.export import export_run
+
+            export_run(self.output_dir, self.output_dir / "export", mode="merge" if c.lora.enabled else "full")
+        dist.barrier()
+
+    def _optimizer_step(self, micro_batches: list[dict]) -> dict:
+        local = self._all_reduce(torch.tensor([sum(mb["num_supervised_tokens"] for mb in micro_batches),
+                                               sum(mb["num_tokens"] for mb in micro_batches)], dtype=torch.float64))
+        supervised, tokens = max(local[0].item(), 1.0), local[1].item()
+        scale = self.grad_accum * self.world / supervised
+        lr = self.engine.get_lr()[0]
+        sums: dict[str, torch.Tensor] = {}
+        for i, mb in enumerate(micro_batches):
+            obj = self._forward(mb)
+            self.engine.backward(obj.loss_sum * scale)
+            for key, value in itertools.chain([("loss", obj.loss_sum.detach())], obj.metric_sums.items()):
+                sums[key] = sums.get(key, 0.0) + value.detach().float().cpu()
+            if i == len(micro_batches) - 1:
+                self._drop_non_finite_step(sums["loss"])
+            self.engine.step()
+        names = sorted(sums)
+        totals = self._all_reduce(torch.stack([torch.as_tensor(sums[k], dtype=torch.float64) for k in names]))
+        record = {k: v / supervised for k, v in zip(names, totals.tolist())}
+        finite = math.isfinite(record["loss"])
+        self.bad_steps_in_row = 0 if finite else self.bad_steps_in_row + 1
+        self.bad_steps_total += 0 if finite else 1
+        self.tokens_seen += int(tokens)
+        grad_norm = self.engine.get_global_grad_norm()
+        return {
+            **record,
+            "lr": lr,
+            "grad_norm": None if grad_norm is None else float(grad_norm),
+            "tokens": int(tokens),
+            "supervised_tokens": int(supervised),
+            "tokens_seen": self.tokens_seen,
+            "bad_steps": self.bad_steps_total,
+            "step_applied": bool(self.engine.was_step_applied()),
+        }
+
+    def _drop_non_finite_step(self, local_loss: torch.Tensor) -> None:
+        """ZeRO 1-3 skip an update whose gradient norm is not finite; without ZeRO we drop the gradients."""
+        if self.cfg.deepspeed.zero_stage != 0:
+            return
+        if not math.isfinite(self._all_reduce(local_loss.reshape(1).double()).item()):
+            for param in self.engine.module.parameters():
+                param.grad = None
+
+    def _forward(self, mb: dict):
+        kwargs = {k: mb[k].to(self.device) for k in ("input_ids", "position_ids") }
+        if mb["attention_mask"] is not None:
+            kwargs["attention_mask"] = mb["attention_mask"].to(self.device)
+        out = self.engine(**kwargs, use_cache=False, compute_logits=False)
+        return compute_objective(self.cfg.objective, out, mb["labels"].to(self.device), self.lm_head)
+
+    def _stop_requested(self) -> bool:
+        flag = self._all_reduce(torch.tensor([1 if self._stop_signal is not None else 0]), dist.ReduceOp.MAX)
+        if flag.item() and self._stop_signal is None:
+            self._stop_signal = signal.SIGTERM  # another rank was signalled
+        return bool(flag.item())
+
+    def _all_reduce(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+        """All-reduce a small host tensor (NCCL needs it on the GPU); returns it on the host."""
+        moved = tensor.to(self.device)
+        dist.all_reduce(moved, op=op)
+        return moved.cpu()
+
+    def _add_device_stats(self, record: dict) -> None:
+        if self.device.type != "cuda":
+            return
+        record["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        config = (self.engine.module.get_base_model() if self.cfg.lora.enabled else self.engine.module).config
+        flops = training_flops_per_token(config, self.cfg.data.max_seq_len)
+        record["mfu"] = record["tok_per_s"] / self.world * flops / H100_BF16_PEAK_FLOPS
+
+    # ----------------------------------------------------------------------------------- eval / save
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        loader = MicroBatchLoader(self.eval_data, self.cfg.train.micro_batch_size, rank=self.rank,
+                                  world_size=self.world, shuffle=False)
+        self.engine.eval()
+        sums: dict[str, float] = {}
+        batches = itertools.islice(loader, self.cfg.eval.max_batches) if self.cfg.eval.max_batches else loader
+        for mb in batches:
+            obj = self._forward(mb)
+            for key, value in itertools.chain([("eval_loss", obj.loss_sum), ("n", obj.num_tokens)],
+                                              ((f"eval_{k}", v) for k, v in obj.metric_sums.items())):
+                sums[key] = sums.get(key, 0.0) + float(value)
+        self.engine.train()
+        names = sorted(sums)
+        totals = self._all_reduce(torch.tensor([sums[k] for k in names], dtype=torch.float64))
+        agg = dict(zip(names, totals.tolist()))
+        n = max(agg.pop("n"), 1.0)
+        record = {"split": "eval", "step": self.step, **{k: v / n for k, v in agg.items()}}
+        self.metrics.log(record)
+        return record
+
+    def save(self) -> Path:
+        trainer_state = {
+            "step": self.step, "tokens_seen": self.tokens_seen, "bad_steps_total": self.bad_steps_total,
+            "world_size": self.world, "total_steps": self.total_steps,
+            "config": to_plain_dict(self.cfg),
+        }
+        return checkpoint.save(self.engine, self.output_dir, self.step, {"loader": self.loader.state_dict()},
+                               trainer_state, keep_last=self.cfg.checkpoint.keep_last)
+
