@@ -282,16 +282,21 @@ class Trainer:
             "supervised_tokens": int(supervised),
             "tokens_seen": self.tokens_seen,
             "bad_steps": self.bad_steps_total,
-            "step_applied": bool(self.engine.was_step_applied()),
+            "step_applied": finite and bool(self.engine.was_step_applied()),
         }
 
     def _drop_non_finite_step(self, local_loss: torch.Tensor) -> None:
-        """ZeRO 1-3 skip an update whose gradient norm is not finite; without ZeRO we drop the gradients."""
+        """ZeRO 1-3 skip an update whose gradient norm is not finite. Without ZeRO we neutralise it:
+        zero gradients and a zero learning rate for this update leave the weights exactly unchanged."""
         if self.cfg.deepspeed.zero_stage != 0:
             return
-        if not math.isfinite(self._all_reduce(local_loss.reshape(1).double()).item()):
-            for param in self.engine.module.parameters():
-                param.grad = None
+        if math.isfinite(self._all_reduce(local_loss.reshape(1).double()).item()):
+            return
+        for param in self.engine.module.parameters():
+            if param.grad is not None:
+                param.grad.zero_()
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = 0.0  # the scheduler sets the next update's lr again
 
     def _forward(self, mb: dict):
         kwargs = {k: mb[k].to(self.device) for k in ("input_ids", "position_ids") }

@@ -1,0 +1,114 @@
+"""Each LoopLM objective equals a direct, loop-by-loop computation from the model's outputs."""
+
+import math
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from ouro_train.train.objectives import ObjectiveConfig, compute_objective, validate_objective
+
+
+@pytest.fixture(scope="module")
+def batch():
+    model = tiny_model(seed=31)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 128, (2, 12), generator=gen)
+    labels = ids.clone()
+    labels[0, :4] = -100
+    labels[1, 7:] = -100
+    with torch.no_grad():
+        out = model(ids, use_cache=False, compute_logits=False)
+        step_logits = [model(ids, exit_at_step=t, use_cache=False).logits for t in range(3)]
+    return model, ids, labels, out, step_logits
+
+
+def _targets(labels):
+    """(batch, position, target) for every supervised next-token prediction."""
+    return [(b, i, int(labels[b, i + 1])) for b in range(labels.shape[0]) for i in range(labels.shape[1] - 1)
+            if labels[b, i + 1] != -100]
+
+
+def _ce(logits_row, target):
+    return -(logits_row.double().log_softmax(-1)[target]).item()
+
+
+def test_expected_logits_equals_the_models_labels_loss(batch):
+    model, ids, labels, out, _ = batch
+    obj = compute_objective(ObjectiveConfig("expected_logits"), out, labels, model.lm_head)
+    with torch.no_grad():
+        reference = model(ids, labels=labels, use_cache=False).loss
+    assert obj.num_tokens == len(_targets(labels))
+    assert math.isclose(obj.loss_sum.item() / obj.num_tokens.item(), reference.item(), rel_tol=1e-6)
+
+
+def test_expected_loss_is_expected_ce_minus_entropy(batch):
+    model, _, labels, out, step_logits = batch
+    beta = 0.05
+    obj = compute_objective(ObjectiveConfig("expected_loss", entropy_beta=beta), out, labels, model.lm_head)
+    total = 0.0
+    for b, i, target in _targets(labels):
+        p = out.exit_pdf[b, i].double()
+        expected_ce = sum(p[t].item() * _ce(step_logits[t][b, i], target) for t in range(3))
+        entropy = -sum(p[t].item() * math.log(p[t].item()) for t in range(3))
+        total += expected_ce - beta * entropy
+    assert math.isclose(obj.loss_sum.item(), total, rel_tol=1e-5)
+
+
+def test_final_step_is_last_step_ce(batch):
+    model, _, labels, out, step_logits = batch
+    obj = compute_objective(ObjectiveConfig("final_step"), out, labels, model.lm_head)
+    total = sum(_ce(step_logits[2][b, i], t) for b, i, t in _targets(labels))
+    assert math.isclose(obj.loss_sum.item(), total, rel_tol=1e-5)
+
+
+def test_gate_objective_follows_the_stage_two_formula(batch):
+    model, _, labels, out, step_logits = batch
+    k, gamma, steps = 50.0, 0.005, 3
+    obj = compute_objective(ObjectiveConfig("gate", gate_k=k, gate_gamma=gamma), out, labels, model.lm_head)
+    total = 0.0
+    for b, i, target in _targets(labels):
+        ce = [_ce(step_logits[t][b, i], target) for t in range(steps)]
+        token = 0.0
+        for t in range(1, steps):  # steps 2..T (1-based)
+            improvement = max(0.0, ce[t - 1] - ce[t])
+            w = 1 / (1 + math.exp(-k * (improvement - gamma)))
+            lam = 1 / (1 + math.exp(-out.gate_logits[b, i, t - 1].item()))  # gate deciding whether step t runs
+            token += -(w * math.log(1 - lam) + (1 - w) * math.log(lam))
+        total += token / steps
+    assert math.isclose(obj.loss_sum.item(), total, rel_tol=1e-5)
+
+
+def test_metrics_are_per_step_ce_and_exit_statistics(batch):
+    model, _, labels, out, step_logits = batch
+    obj = compute_objective(ObjectiveConfig("expected_logits"), out, labels, model.lm_head)
+    targets = _targets(labels)
+    for t in range(3):
+        direct = sum(_ce(step_logits[t][b, i], target) for b, i, target in targets)
+        assert math.isclose(obj.metric_sums[f"loss_step{t + 1}"].item(), direct, rel_tol=1e-5)
+    mean_step = sum(sum((t + 1) * out.exit_pdf[b, i, t].item() for t in range(3)) for b, i, _ in targets)
+    assert math.isclose(obj.metric_sums["exit_mean_step"].item(), mean_step, rel_tol=1e-5)
+
+
+def test_gradients_reach_what_each_objective_trains():
+    model = tiny_model(seed=32).train()
+    ids = torch.randint(3, 128, (1, 10))
+    for name in ("expected_logits", "expected_loss", "final_step", "gate"):
+        model.zero_grad(set_to_none=True)
+        out = model(ids, use_cache=False, compute_logits=False)
+        compute_objective(ObjectiveConfig(name), out, ids, model.lm_head).loss_sum.backward()
+        gate_grad = model.model.early_exit_gate.weight.grad
+        head_grad = model.lm_head.weight.grad
+        if name == "final_step":
+            assert gate_grad is None or gate_grad.abs().sum() == 0  # the last step ignores the gate
+        else:
+            assert gate_grad.abs().sum() > 0
+        if name == "gate":
+            assert head_grad is None  # the LM receives nothing from the gate objective
+        else:
+            assert head_grad.abs().sum() > 0
+
+
+def test_unknown_objective_rejected():
+    with pytest.raises(ValueError, match="objective.name"):
+        validate_objective(ObjectiveConfig("expected_logit"))

@@ -1,0 +1,81 @@
+"""`ouro-train` as users run it: console script, torchrun and the deepspeed launcher, resume after a
+kill, SIGTERM, and the recipe/override checks."""
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from train_helpers import ENV, metrics, run_train, train_command
+from conftest import REPO_ROOT
+from ouro_train.train import checkpoint
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("data-cache")
+
+
+def base(tmp_path, cache, *extra):
+    return (f"output_dir={tmp_path}", f"data.cache_dir={cache}", "wandb.mode=disabled", "export_at_end=false", *extra)
+
+
+def test_resume_after_kill_reproduces_the_trajectory_bit_for_bit(tmp_path, cache):
+    args = ("max_steps=8", "checkpoint.every_n_steps=4", "checkpoint.keep_last=0", "deepspeed=zero2")
+    run_train(*base(tmp_path / "straight", cache, *args))
+    reference = metrics(tmp_path / "straight")
+
+    run_dir = tmp_path / "killed"
+    proc = subprocess.Popen(train_command(*base(run_dir, cache, *args)), env=ENV, cwd=REPO_ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = checkpoint.checkpoints_root(run_dir) / checkpoint.tag(4) / checkpoint.COMPLETE
+    deadline = time.time() + 240
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert marker.exists(), "the run never completed its step-4 checkpoint"
+    assert not (checkpoint.checkpoints_root(run_dir) / checkpoint.tag(8) / checkpoint.COMPLETE).exists()
+
+    run_train(*base(run_dir, cache, *args))  # the same command resumes from step 4
+    resumed = metrics(run_dir)
+    for step in range(5, 9):
+        for key in ("loss", "grad_norm", "lr", "loss_step1", "loss_step3", "exit_entropy", "supervised_tokens"):
+            assert resumed[step][key] == reference[step][key], f"step {step} {key}"
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, cache):
+    proc = subprocess.Popen(train_command(*base(tmp_path, cache, "max_steps=100000", "checkpoint.every_n_steps=100000")),
+                            env=ENV, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 240
+    while (not log.exists() or len(log.read_text().splitlines()) < 2) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output[-3000:]
+    saved = checkpoint.complete_checkpoints(tmp_path)
+    assert len(saved) == 1
+    assert int(saved[0].name.split("-")[1]) == max(metrics(tmp_path))
+    assert "checkpoint saved" in output
+
+
+@pytest.mark.parametrize("zero, launcher", [("zero2", "torchrun"), ("zero3", "deepspeed")])
+def test_two_processes_learn(tmp_path, cache, zero, launcher):
+    run_train(*base(tmp_path, cache, "max_steps=20", f"deepspeed={zero}", "deepspeed.stage3_param_persistence_threshold=0",
+                    "train.global_batch_size=4"), nproc=2, launcher=launcher)
+    records = metrics(tmp_path)
+    first, last = sum(records[s]["loss"] for s in (1, 2, 3)), sum(records[s]["loss"] for s in (18, 19, 20))
+    assert last < first - 0.3, (first, last)
+    assert all(records[s]["step_applied"] for s in records)
+
+
+def test_print_resolved_config_and_reject_unknown_keys(tmp_path):
+    shown = subprocess.run(train_command("--cfg", "job"), env=ENV, cwd=REPO_ROOT, capture_output=True, text=True)
+    assert shown.returncode == 0 and "zero_stage: 2" in shown.stdout and "objective:" in shown.stdout
+    bad = subprocess.run(train_command(f"output_dir={tmp_path}", "optim.learning_rate=1e-4"), env=ENV, cwd=REPO_ROOT,
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "learning_rate" in bad.stderr
+    assert not (tmp_path / "checkpoints").exists()

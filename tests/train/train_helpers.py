@@ -1,0 +1,60 @@
+"""Helpers for trainer tests: compose a recipe with overrides, run `ouro-train` in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+
+from conftest import REPO_ROOT
+from ouro_train.config import RunConfig, to_object
+
+ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "disabled", "HF_DATASETS_OFFLINE": "1",
+       "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+
+
+def compose_run(*overrides: str, recipe: str = "smoke") -> RunConfig:
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "recipes"), version_base="1.3"):
+        return to_object(compose(config_name=recipe, overrides=list(overrides)))
+
+
+def train_command(*overrides: str, recipe: str = "smoke", nproc: int = 1, launcher: str = "torchrun") -> list[str]:
+    bin_dir = Path(sys.executable).parent
+    args = ["--config-name", recipe, *overrides]
+    if nproc == 1:
+        return [str(bin_dir / "ouro-train"), *args]
+    if launcher == "deepspeed":  # appends --local_rank=N to our arguments
+        return [str(bin_dir / "deepspeed"), "--num_gpus", str(nproc), "--master_port", _port(),
+                "--module", "ouro_train.train", *args]
+    return [str(bin_dir / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", _port(),
+            "-m", "ouro_train.train", *args]
+
+
+def run_train(*overrides: str, timeout: int = 300, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    proc = subprocess.run(train_command(*overrides, **kwargs), env=ENV, capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO_ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"ouro-train failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def metrics(output_dir: Path, split: str = "train") -> dict[int, dict]:
+    """step -> the last record of that step (a resumed run logs a redone step again; the later wins)."""
+    out = {}
+    for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record.get("split", "train") == split:
+            out[record["step"]] = record
+    return out
+
+
+def _port() -> str:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
