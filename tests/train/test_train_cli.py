@@ -62,10 +62,14 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, cache):
     assert "checkpoint saved" in output
 
 
-@pytest.mark.parametrize("zero, launcher", [("zero2", "torchrun"), ("zero3", "deepspeed")])
-def test_two_processes_learn(tmp_path, cache, zero, launcher):
+@pytest.mark.parametrize(
+    "zero, checkpointing, launcher", [("zero2", "step", "torchrun"), ("zero3", "step+layer", "deepspeed")]
+)
+def test_two_processes_learn(tmp_path, cache, zero, checkpointing, launcher):
+    """ZeRO-2 under torchrun and ZeRO-3 (parameters really partitioned) under the deepspeed launcher,
+    with activation checkpointing of the recurrent steps."""
     run_train(*base(tmp_path, cache, "max_steps=20", f"deepspeed={zero}", "deepspeed.stage3_param_persistence_threshold=0",
-                    "train.global_batch_size=4"), nproc=2, launcher=launcher)
+                    f"model.checkpointing={checkpointing}", "train.global_batch_size=4"), nproc=2, launcher=launcher)
     records = metrics(tmp_path)
     first, last = sum(records[s]["loss"] for s in (1, 2, 3)), sum(records[s]["loss"] for s in (18, 19, 20))
     assert last < first - 0.3, (first, last)
@@ -78,4 +82,15 @@ def test_print_resolved_config_and_reject_unknown_keys(tmp_path):
     bad = subprocess.run(train_command(f"output_dir={tmp_path}", "optim.learning_rate=1e-4"), env=ENV, cwd=REPO_ROOT,
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "learning_rate" in bad.stderr
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_compute_plan_of_the_thinking_recipe(tmp_path):
+    """dry_run needs neither weights nor data: the thinking mix names every count."""
+    out = subprocess.run(train_command("dry_run=true", "plan.gpus=32", f"output_dir={tmp_path}", recipe="thinking_sft"),
+                         env=ENV, cwd=REPO_ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "8,275,000" in out.stdout  # 3.5M + 3.2M + 808K + 767K examples
+    assert "128 sequences = 4,194,304 tokens" in out.stdout
+    assert "1,804 tok/s per GPU × 32 GPUs" in out.stdout
     assert not (tmp_path / "checkpoints").exists()
