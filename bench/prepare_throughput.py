@@ -1,0 +1,172 @@
+"""Throughput of `ouro-prepare` with the real Ouro tokenizer, and a projection for the thinking mix.
+
+    python bench/prepare_throughput.py [--tokenizer ../shared/ouro-1.4b-files] [--rows 100000]
+                                       [--num-proc 1 2] [--mean-tokens 4000] [--out FILE.json]
+
+Generates `--rows` synthetic conversations (half `messages` JSON Lines with multi-turn chat, half
+`sharegpt` with a <think> block, a few hundred to a few thousand tokens each), then runs the whole
+prepare pipeline on them for each `--num-proc` (a fresh cache each time): load + validate, then
+tokenize (`.map(num_proc)`), pack and write. Reports examples/s and tokens/s per process, and best-fit
+packing time per document (single process) on lengths shaped like long reasoning data.
+
+Projection for the full mix (8,275,000 examples) on a 32-core node: load + validate + tokenize scale
+with processes (the measured 1 -> 2 process scaling is shown); packing is one process. The real mix
+is far longer per example than the synthetic rows, so its wall time is projected from tokens/s with
+`--mean-tokens` tokens per example (an assumption; the real figure is in the manifest after a run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per process: per-process numbers
+
+from transformers import PreTrainedTokenizerFast  # noqa: E402
+
+from ouro_train.config import DataConfig, SourceConfig  # noqa: E402
+from ouro_train.data import prepare  # noqa: E402
+from ouro_train.data.pack import best_fit_decreasing  # noqa: E402
+from ouro_train.data.pipeline import check_sources  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+MIX_EXAMPLES = 3_500_000 + 3_200_000 + 808_000 + 767_000
+NODE_CORES = 32
+WORDS = ("the of and to in is that for it as with was on be by this are from at an which we can not we "
+         "value function result equation therefore because number solve sum product prime integer list "
+         "return compute check case step first second then so next total answer consider assume").split()
+
+
+def sentence(rng: random.Random) -> str:
+    words = [rng.choice(WORDS) for _ in range(rng.randint(6, 18))]
+    if rng.random() < 0.4:
+        words.insert(rng.randint(0, len(words)), f"{rng.randint(2, 999)} + {rng.randint(2, 999)} = {rng.randint(4, 1998)}")
+    if rng.random() < 0.15:
+        words.append(f"`def f(x): return x * {rng.randint(2, 9)}`")
+    return " ".join(words).capitalize() + "."
+
+
+def paragraph(rng: random.Random, sentences: int) -> str:
+    return " ".join(sentence(rng) for _ in range(sentences))
+
+
+def write_rows(directory: Path, rows: int, seed: int = 0) -> list[Path]:
+    rng = random.Random(seed)
+    chat_path, think_path = directory / "chat.jsonl", directory / "think.jsonl"
+    with open(chat_path, "w") as chat, open(think_path, "w") as think:
+        for i in range(rows):
+            if i % 2:
+                turns = []
+                for _ in range(rng.randint(1, 3)):
+                    turns += [{"role": "user", "content": paragraph(rng, rng.randint(1, 4))},
+                              {"role": "assistant", "content": paragraph(rng, rng.randint(3, 12))}]
+                chat.write(json.dumps({"messages": turns}) + "\n")
+            else:
+                reasoning = "\n\n".join(paragraph(rng, rng.randint(3, 8)) for _ in range(rng.randint(2, 12)))
+                conv = [{"from": "human", "value": paragraph(rng, rng.randint(1, 5))},
+                        {"from": "gpt", "value": f"<think>\n{reasoning}\n</think>\n\n{paragraph(rng, rng.randint(1, 4))}"}]
+                think.write(json.dumps({"conversations": conv}) + "\n")
+    return [chat_path, think_path]
+
+
+def run_prepare(files: list[Path], tokenizer, num_proc: int, work: Path) -> dict:
+    sources = [SourceConfig(name=f.stem, path=str(f)) for f in files]
+    data = DataConfig(sources=sources, max_seq_len=32768, num_proc=num_proc, cache_dir=str(work / f"cache-{num_proc}"))
+    start = time.perf_counter()
+    check_sources(data, sources, work / f"check-{num_proc}")
+    checked = time.perf_counter() - start
+    start = time.perf_counter()
+    manifest = prepare(data, tokenizer, log=lambda _: None).manifest
+    total = time.perf_counter() - start
+    examples, tokens = manifest["num_documents"], manifest["num_tokens"]
+    return {
+        "num_proc": num_proc,
+        "examples": examples,
+        "tokens": tokens,
+        "mean_tokens_per_example": tokens / examples,
+        "seconds_total": total,
+        "seconds_load_validate": checked,
+        "seconds_tokenize_pack_write": total - checked,
+        "examples_per_s_per_process": examples / total / num_proc,
+        "tokens_per_s_per_process": tokens / total / num_proc,
+        "packing_efficiency": manifest["packing_efficiency"],
+    }
+
+
+def packing_seconds_per_doc(n: int = 1_000_000, seed: int = 0) -> float:
+    rng = np.random.default_rng(seed)
+    lengths = np.clip(rng.lognormal(np.log(3000), 1.0, size=n).astype(np.int64), 64, 32768)
+    start = time.perf_counter()
+    best_fit_decreasing(lengths, 32768)
+    return (time.perf_counter() - start) / n
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokenizer", type=Path, default=REPO.parent / "shared" / "ouro-1.4b-files")
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--num-proc", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--mean-tokens", type=float, default=4000.0, help="assumed tokens per example of the real mix")
+    parser.add_argument("--out", type=Path, default=REPO / "outputs" / "bench" / "prepare_throughput.json")
+    args = parser.parse_args()
+    if not (args.tokenizer / "tokenizer.json").exists():
+        sys.exit(f"no tokenizer at {args.tokenizer} (pass --tokenizer DIR)")
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(args.tokenizer)
+
+    with tempfile.TemporaryDirectory(prefix="ouro-prepare-bench-") as tmp:
+        work = Path(tmp)
+        files = write_rows(work, args.rows)
+        runs = [run_prepare(files, tokenizer, n, work) for n in args.num_proc]
+    pack_s = packing_seconds_per_doc()
+
+    base = runs[0]
+    ex_s, tok_s = base["examples_per_s_per_process"], base["tokens_per_s_per_process"]
+    projection = {
+        "examples": MIX_EXAMPLES,
+        "processes": NODE_CORES,
+        "assumed_tokens_per_example": args.mean_tokens,
+        "packing_hours": pack_s * MIX_EXAMPLES / 3600,
+        "hours_at_bench_row_length": (MIX_EXAMPLES / (ex_s * NODE_CORES) + pack_s * MIX_EXAMPLES) / 3600,
+        "hours_at_assumed_length": (MIX_EXAMPLES * args.mean_tokens / (tok_s * NODE_CORES) + pack_s * MIX_EXAMPLES) / 3600,
+        "assumes": "linear scaling to 32 processes of load/validate/tokenize; packing in one process; hub download not included",
+    }
+    result = {
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "tokenizer": str(args.tokenizer),
+        "rows": args.rows,
+        "runs": runs,
+        "packing_seconds_per_document": pack_s,
+        "projection_thinking_mix_32_cores": projection,
+    }
+    print(f"{'procs':>5} {'examples':>9} {'tok/ex':>7} {'load+check s':>12} {'tok+pack s':>10} "
+          f"{'ex/s/proc':>10} {'tok/s/proc':>11} {'speed-up':>8}")
+    for r in runs:
+        speedup = base["seconds_total"] / r["seconds_total"]
+        print(f"{r['num_proc']:>5} {r['examples']:>9,} {r['mean_tokens_per_example']:>7,.0f} {r['seconds_load_validate']:>12.1f} "
+              f"{r['seconds_tokenize_pack_write']:>10.1f} {r['examples_per_s_per_process']:>10,.0f} "
+              f"{r['tokens_per_s_per_process']:>11,.0f} {speedup:>8.2f}")
+    print(f"best-fit packing: {pack_s * 1e6:.1f} us per document (one process)")
+    p = projection
+    print(f"projected wall time, {p['examples']:,} examples on {p['processes']} cores: "
+          f"{p['hours_at_bench_row_length']:.2f} h at the bench's row length, "
+          f"{p['hours_at_assumed_length']:.2f} h at {args.mean_tokens:,.0f} tokens/example "
+          f"(packing {p['packing_hours'] * 60:.1f} min of it)")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Ouro's chat format (ChatML) rendered to token ids with an assistant-only supervision mask.
+
+The text is exactly what Ouro's chat template produces (`tokenizer.apply_chat_template(messages,
+tokenize=False)`): a default system turn `<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n`
+when the first message is not a system message, then `<|im_start|>{role}\\n{content}<|im_end|>\\n` per
+message. An assistant message with reasoning has the content
+
+    <think>\\n{reasoning}\\n</think>\\n\\n{answer}
+
+with `<think>` and `</think>` as their special ids (3 and 4 in Ouro's vocabulary).
+
+The ids are built piece by piece, so the supervision boundaries are exact and special-token strings
+inside message text (`<|im_end|>` typed by a user) stay plain text: text pieces go through a copy of
+the tokenizer with `encode_special_tokens` set, which never matches added tokens. System and user
+turns encode `"{role}\\n{content}"` as one piece, as whole-string tokenization does; an assistant turn
+encodes its header `assistant\\n` apart from its content, as at generation time the prompt ends at the
+header. The ids therefore equal `apply_chat_template(messages, tokenize=True)` for any conversation
+whose assistant contents do not start with whitespace; one that does (" 42", "\n\nHi") gets its
+content tokens as the model would generate them after the header, e.g. "Ġ" "4" "2" where the
+whole string would merge the header's "\n" with the space ("ĊĠ").
+
+Supervised (label = token) are the assistant content tokens, the `<think>` block, and the closing
+`<|im_end|>`; not the `<|im_start|>assistant\\n` header, not the `\\n` after `<|im_end|>` (template glue
+the model never has to generate: generation stops at `<|im_end|>`), not system or user turns.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+import numpy as np
+from tokenizers import Tokenizer
+
+IM_START, IM_END, THINK_OPEN, THINK_CLOSE = "<|im_start|>", "<|im_end|>", "<think>", "</think>"
+DEFAULT_SYSTEM = "You are a helpful assistant."
+
+Piece = tuple[Union[int, str], bool]  # a special id or a text, and whether it is supervised
+
+
+class ChatEncoder:
+    """Conversations -> (input_ids, supervised mask) in Ouro's chat format, for any tokenizer that has
+    the ChatML special tokens (Ouro's, or the project tokenizer)."""
+
+    def __init__(self, tokenizer):
+        vocab = tokenizer.get_vocab()
+        missing = [t for t in (IM_START, IM_END, THINK_OPEN, THINK_CLOSE) if t not in vocab]
+        if missing:
+            raise ValueError(f"tokenizer lacks the chat special tokens {missing}")
+        self.im_start, self.im_end = vocab[IM_START], vocab[IM_END]
+        self.think_open, self.think_close = vocab[THINK_OPEN], vocab[THINK_CLOSE]
+        self._spec = tokenizer.backend_tokenizer.to_str()
+        self._text = _text_tokenizer(self._spec)
+        self._special = {self.im_start: IM_START, self.im_end: IM_END}
+        self._special.update({self.think_open: THINK_OPEN, self.think_close: THINK_CLOSE})
+
+    # A Tokenizer pickles without its encode_special_tokens flag: rebuild it in worker processes.
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_text"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._text = _text_tokenizer(self._spec)
+
+    def pieces(self, messages: Sequence[dict], last_turn_only: bool = False) -> list[Piece]:
+        if messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": DEFAULT_SYSTEM}, *messages]
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        out: list[Piece] = []
+        for i, m in enumerate(messages):
+            out.append((self.im_start, False))
+            if m["role"] != "assistant":
+                out += [(f"{m['role']}\n{m['content']}", False), (self.im_end, False), ("\n", False)]
+                continue
+            sup = i == last or not last_turn_only
+            out.append(("assistant\n", False))
+            content = m["content"]
+            if m.get("reasoning") is not None:
+                out += [(self.think_open, sup), (f"\n{m['reasoning']}\n", sup), (self.think_close, sup)]
+                content = f"\n\n{content}"
+            out += [(content, sup), (self.im_end, sup), ("\n", False)]
+        return out
+
+    def render_text(self, messages: Sequence[dict]) -> str:
+        """The conversation as text, as the chat template writes it."""
+        return "".join(p if isinstance(p, str) else self._special[p] for p, _ in self.pieces(messages))
+
+    def encode(self, messages: Sequence[dict], last_turn_only: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        return self.encode_batch([messages], last_turn_only)[0]
+
+    def encode_batch(
+        self, conversations: Sequence[Sequence[dict]], last_turn_only: bool = False
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """[(input_ids int32, supervised bool)] per conversation; all text pieces go through one
+        batched (Rust-parallel) encode call."""
+        all_pieces = [self.pieces(c, last_turn_only) for c in conversations]
+        texts = [p for pieces in all_pieces for p, _ in pieces if isinstance(p, str) and p]
+        encoded = iter(self._text.encode_batch(texts, add_special_tokens=False))
+        out = []
+        for pieces in all_pieces:
+            ids: list[int] = []
+            sup: list[bool] = []
+            for piece, supervised in pieces:
+                if isinstance(piece, int):
+                    ids.append(piece)
+                    sup.append(supervised)
+                elif piece:
+                    piece_ids = next(encoded).ids
+                    ids += piece_ids
+                    sup += [supervised] * len(piece_ids)
+            out.append((np.asarray(ids, dtype=np.int32), np.asarray(sup, dtype=bool)))
+        return out
+
+
+def _text_tokenizer(spec: str) -> Tokenizer:
+    """The tokenizer for text pieces: never matches special tokens, never truncates or pads."""
+    text = Tokenizer.from_str(spec)
+    text.encode_special_tokens = True
+    text.no_truncation()
+    text.no_padding()
+    return text

@@ -1,0 +1,95 @@
+"""Mixing: how many rows each source contributes, and which ones. Deterministic given the seed.
+
+Each source asks for a number of rows in one of three ways (or none, meaning `epochs: 1`):
+  - `count: N`   exactly N rows;
+  - `epochs: E`  round(E x its valid rows);
+  - `weight: W`  a share W / (sum of weights) of `data.mix_size` (default: the weighted sources' total
+                 size), split with largest remainders so the shares add up exactly.
+A target of k rows from a source of n valid rows is drawn as k // n whole passes (each a fresh
+permutation) plus k % n rows without replacement; with `replace: true` as k independent draws instead.
+Each source's draws come from its own generator seeded by (data.seed, source name), so adding,
+removing or reordering other sources does not change them.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+
+from ouro_train.config import SourceConfig
+from ouro_train.data.validate import DataError
+
+
+@dataclass
+class SourcePlan:
+    name: str
+    domain: str
+    available: int  # valid rows
+    spec: str  # how the target was asked for
+    target: int  # rows drawn into the mix
+
+
+def plan_mix(sources: Sequence[SourceConfig], available: Sequence[int], mix_size: Optional[int] = None) -> list[SourcePlan]:
+    targets: list[Optional[int]] = []
+    specs: list[str] = []
+    for src, n in zip(sources, available):
+        given = [k for k in ("weight", "count", "epochs") if getattr(src, k) is not None]
+        if len(given) > 1:
+            raise DataError(f"source '{src.name}': set at most one of weight / count / epochs (got {', '.join(given)})")
+        kind = given[0] if given else "epochs"
+        value = getattr(src, kind) if given else 1.0
+        if value < 0:
+            raise DataError(f"source '{src.name}': {kind} must be >= 0, got {value}")
+        specs.append(f"{kind}={value:g}" + (" (replace)" if src.replace else ""))
+        targets.append(None if kind == "weight" else int(value) if kind == "count" else int(round(value * n)))
+    weighted = [i for i, t in enumerate(targets) if t is None]
+    if weighted:
+        weights = np.array([sources[i].weight for i in weighted], dtype=np.float64)
+        if weights.sum() <= 0:
+            raise DataError("the weights of the weighted sources add up to 0")
+        total = mix_size if mix_size is not None else sum(available[i] for i in weighted)
+        for i, k in zip(weighted, _largest_remainder(weights / weights.sum() * total)):
+            targets[i] = int(k)
+    plans = [SourcePlan(s.name, s.domain, n, spec, t) for s, n, spec, t in zip(sources, available, specs, targets)]
+    for p in plans:
+        if p.target > 0 and p.available == 0:
+            raise DataError(f"source '{p.name}': {p.target} rows asked of a source with no valid rows")
+    return plans
+
+
+def draw(n: int, k: int, replace: bool, seed: int, name: str) -> np.ndarray:
+    """k row indices in [0, n) for the source called `name`."""
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    if k == 0:
+        return np.zeros(0, dtype=np.int64)
+    if replace:
+        return rng.integers(0, n, size=k, dtype=np.int64)
+    passes = [rng.permutation(n) for _ in range(k // n)]
+    return np.concatenate([*passes, rng.choice(n, size=k % n, replace=False)]).astype(np.int64)
+
+
+def format_plan(plans: Sequence[SourcePlan]) -> str:
+    """The plan as a table: per source, then per domain."""
+    total = sum(p.target for p in plans) or 1
+    lines = [f"{'source':<28} {'domain':<10} {'available':>11} {'spec':<22} {'rows':>11} {'share':>7}"]
+    for p in plans:
+        lines.append(f"{p.name:<28} {p.domain:<10} {p.available:>11,} {p.spec:<22} {p.target:>11,} {p.target / total:>7.1%}")
+    lines.append("")
+    lines.append(f"{'domain':<28} {'rows':>11} {'share':>7}")
+    for domain in dict.fromkeys(p.domain for p in plans):
+        rows = sum(p.target for p in plans if p.domain == domain)
+        lines.append(f"{domain:<28} {rows:>11,} {rows / total:>7.1%}")
+    lines.append(f"{'total':<28} {sum(p.target for p in plans):>11,}")
+    return "\n".join(lines)
+
+
+def _largest_remainder(quotas: np.ndarray) -> np.ndarray:
+    """Integers with the same (rounded) total as `quotas`, each within 1 of its quota."""
+    base = np.floor(quotas).astype(np.int64)
+    short = int(round(quotas.sum())) - int(base.sum())
+    order = np.argsort(-(quotas - base), kind="stable")
+    base[order[:short]] += 1
+    return base

@@ -1,0 +1,229 @@
+"""The prepare pipeline: sources -> validated conversations -> mix -> tokens -> packed rows in a cache directory.
+
+    data = prepare(cfg.data, tokenizer)            # PreparedData, built once, then reused
+    data = prepare(cfg.data, tokenizer, "eval")    # from data.eval_sources / data.eval_files
+
+Order of work: every source is loaded and validated first (with `on_bad_row=error` the first bad row
+stops the run before any tokenization); then the mix draws its rows; only drawn rows are tokenized
+(`.map(num_proc=data.num_proc)`); overlong documents are dropped or truncated; rows are packed and
+written. A cache directory whose key matches is reused without loading or tokenizing anything.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pyarrow.compute as pc
+
+from ouro_train.config import DataConfig, SourceConfig
+from ouro_train.data.cache import PreparedData, atomic_dir, cache_key, new_array, write_manifest
+from ouro_train.data.chat import ChatEncoder
+from ouro_train.data.mix import SourcePlan, draw, plan_mix
+from ouro_train.data.pack import DROP_REASONS, TOKENIZED, best_fit_decreasing, tokenize_batch
+from ouro_train.data.sources import load_source
+from ouro_train.data.tokenizer import tokenizer_hash
+from ouro_train.data.validate import DataError, report_bad_rows
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class Checked:
+    """A loaded, validated source: its rows, the indices of the valid ones, and bad-row counts."""
+
+    src: SourceConfig
+    rows: object  # datasets.Dataset with sources.FEATURES
+    valid: np.ndarray
+    bad: Counter
+    filtered: int
+
+
+def split_sources(data: DataConfig, split: str) -> list[SourceConfig]:
+    """The sources of a split: the listed ones plus one per convenience file."""
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    listed, files = (data.sources, data.train_files) if split == "train" else (data.eval_sources, data.eval_files)
+    sources = list(listed) + [SourceConfig(name=Path(f).stem, path=f) for f in files]
+    names = [s.name for s in sources]
+    if len(set(names)) != len(names):
+        raise DataError(f"{split} source names must be unique, got {names}")
+    return sources
+
+
+def check_sources(data: DataConfig, sources: list[SourceConfig], work: Path) -> list[Checked]:
+    """Load and validate every source; DataError on the first bad row under on_bad_row=error."""
+    checked, reports = [], []
+    for i, src in enumerate(sources):
+        rows = load_source(src, work / f"source-{i}", data.num_proc)
+        reason = rows.data.column("reason").to_numpy(zero_copy_only=False)
+        bad = (reason != "") & (reason != "filtered")
+        first = rows[int(np.argmax(bad))]["error"] if bad.any() else None
+        counts = Counter(reason[bad].tolist())
+        checked.append(Checked(src, rows, np.flatnonzero(reason == ""), counts, int((reason == "filtered").sum())))
+        reports.append((counts, first))
+    report_bad_rows(reports, data.on_bad_row.value)
+    return checked
+
+
+def plan(data: DataConfig, split: str = "train") -> list[SourcePlan]:
+    """The mix plan of a split (loads and validates the sources; tokenizes nothing)."""
+    sources = split_sources(data, split)
+    Path(data.cache_dir).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=data.cache_dir, prefix=".plan-") as work:
+        checked = check_sources(data, sources, Path(work))
+        return plan_mix(sources, [len(c.valid) for c in checked], data.mix_size)
+
+
+def prepare(data: DataConfig, tokenizer, split: str = "train", log: Log = print) -> PreparedData:
+    sources = split_sources(data, split)
+    if not sources:
+        raise DataError(f"no {split} sources: set data.{'sources' if split == 'train' else 'eval_sources'} or data.{split}_files")
+    key = cache_key(split, sources, data, tokenizer_hash(tokenizer))
+    target = Path(data.cache_dir) / f"{split}-{key}"
+    if (target / "manifest.json").exists():
+        log(f"[{split}] reusing prepared data in {target}")
+        return PreparedData(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(target) as tmp:
+        checked = check_sources(data, sources, tmp / "work")
+        plans = plan_mix(sources, [len(c.valid) for c in checked], data.mix_size)
+        manifest = _build(data, tokenizer, checked, plans, tmp)
+        del checked
+        shutil.rmtree(tmp / "work")
+        manifest.update(split=split, config_hash=key, tokenizer_hash=tokenizer_hash(tokenizer))
+        write_manifest(tmp, manifest)
+    log(f"[{split}] prepared data in {target}")
+    return PreparedData(target)
+
+
+def _build(data: DataConfig, tokenizer, checked: list[Checked], plans: list[SourcePlan], out: Path) -> dict:
+    """Tokenize the drawn rows, drop what must go, pack, and write the arrays; returns the manifest."""
+    if data.num_proc > 1:  # each worker encodes on its own core
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    encoder = ChatEncoder(tokenizer)
+    kwargs = dict(encoder=encoder, max_seq_len=data.max_seq_len, truncate=data.overlong.value == "truncate")
+    parts, ref_docs, sources_out = [], [], {}
+    next_doc = 0
+    for s, (c, p) in enumerate(zip(checked, plans)):
+        picks = c.valid[draw(len(c.valid), p.target, c.src.replace, data.seed, c.src.name)]
+        unique, inverse = np.unique(picks, return_inverse=True)
+        tokenized = c.rows.select(unique).map(
+            tokenize_batch,
+            batched=True,
+            remove_columns=c.rows.column_names,
+            features=TOKENIZED,
+            fn_kwargs={**kwargs, "last_turn_only": data.last_turn_only},
+            num_proc=data.num_proc if data.num_proc > 1 else None,
+            cache_file_name=str(out / "work" / f"tokens-{s}.arrow"),
+            desc=f"tokenizing {c.src.name}",
+        )
+        cols = tokenized.with_format("numpy", columns=["length", "num_supervised", "truncated"])[:]
+        drop = tokenized.data.column("drop").to_numpy(zero_copy_only=False)
+        kept = drop == ""
+        new_id = np.cumsum(kept) - 1 + next_doc  # id of each kept unique document among all sources
+        next_doc += int(kept.sum())
+        ref_kept = kept[inverse]
+        ref_docs.append(new_id[inverse][ref_kept])
+        parts.append((tokenized, kept, cols["length"][kept]))
+        sources_out[c.src.name] = {
+            "domain": c.src.domain,
+            "available": len(c.valid),
+            "bad_rows": dict(c.bad),
+            "filtered": c.filtered,
+            "spec": p.spec,
+            "selected": p.target,
+            "unique_selected": len(unique),
+            "kept": int(ref_kept.sum()),
+            "dropped": {r: int((drop[inverse] == r).sum()) for r in DROP_REASONS if (drop[inverse] == r).any()},
+            "truncated": int(cols["truncated"][inverse][ref_kept].sum()),
+            "tokens": int(cols["length"][inverse].sum()),  # dropped documents count 0
+            "supervised_tokens": int(cols["num_supervised"][inverse].sum()),
+        }
+    ref_docs = np.concatenate(ref_docs) if ref_docs else np.zeros(0, np.int64)
+    doc_lengths = np.concatenate([length for _, _, length in parts]).astype(np.int64)
+    doc_offsets = np.zeros(len(doc_lengths) + 1, dtype=np.int64)
+    np.cumsum(doc_lengths, out=doc_offsets[1:])
+    _write_tokens(out, parts, int(doc_offsets[-1]), len(tokenizer))
+
+    ref_lengths = doc_lengths[ref_docs]
+    rows = best_fit_decreasing(ref_lengths, data.max_seq_len) if data.pack else [[i] for i in range(len(ref_docs))]
+    row_offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum([len(r) for r in rows], out=row_offsets[1:])
+    row_docs = ref_docs[np.concatenate(rows).astype(np.int64)] if rows else np.zeros(0, np.int64)
+    for name, array in (("doc_offsets", doc_offsets), ("row_docs", row_docs), ("row_offsets", row_offsets)):
+        new_array(out, name, np.int64, len(array))[:] = array
+
+    num_tokens = int(ref_lengths.sum())
+    return {
+        "pack": data.pack,
+        "max_seq_len": data.max_seq_len,
+        "overlong": data.overlong.value,
+        "last_turn_only": data.last_turn_only,
+        "seed": data.seed,
+        "num_rows": len(rows),
+        "num_documents": len(ref_docs),
+        "num_unique_documents": len(doc_lengths),
+        "num_tokens": num_tokens,
+        "num_supervised_tokens": sum(v["supervised_tokens"] for v in sources_out.values()),
+        "packing_efficiency": num_tokens / max(1, len(rows) * data.max_seq_len),
+        "bad_rows": dict(sum((c.bad for c in checked), Counter())),
+        "dropped": dict(sum((Counter(v["dropped"]) for v in sources_out.values()), Counter())),
+        "truncated": sum(v["truncated"] for v in sources_out.values()),
+        "sources": sources_out,
+        "domains": _by_domain(sources_out),
+    }
+
+
+def _write_tokens(out: Path, parts: list, total: int, vocab_size: int) -> None:
+    """Stream every kept document's ids and supervision mask into tokens.npy / supervised.npy."""
+    tokens = new_array(out, "tokens", np.uint16 if vocab_size <= 1 << 16 else np.uint32, total)
+    supervised = new_array(out, "supervised", np.bool_, total)
+    at = 0
+    for tokenized, kept, _ in parts:
+        start = 0
+        for batch in tokenized.with_format("arrow").iter(batch_size=4096):
+            keep = kept[start : start + len(batch)]
+            start += len(batch)
+            batch = batch.filter(keep)
+            ids = pc.list_flatten(batch.column("input_ids")).to_numpy()
+            sup = pc.list_flatten(batch.column("supervised")).to_numpy(zero_copy_only=False)
+            tokens[at : at + len(ids)] = ids
+            supervised[at : at + len(ids)] = sup
+            at += len(ids)
+    assert at == total, (at, total)
+    tokens.flush()
+    supervised.flush()
+
+
+def _by_domain(sources: dict) -> dict:
+    out: dict = {}
+    for v in sources.values():
+        d = out.setdefault(v["domain"], {"documents": 0, "tokens": 0, "supervised_tokens": 0})
+        d["documents"] += v["kept"]
+        d["tokens"] += v["tokens"]
+        d["supervised_tokens"] += v["supervised_tokens"]
+    return out
+
+
+def format_summary(manifest: dict) -> str:
+    """A prepared split's manifest as a short table."""
+    m = manifest
+    lines = [
+        f"{'source':<28} {'domain':<10} {'selected':>10} {'kept':>10} {'tokens':>14} {'supervised':>14}",
+        *(
+            f"{name:<28} {v['domain']:<10} {v['selected']:>10,} {v['kept']:>10,} {v['tokens']:>14,} {v['supervised_tokens']:>14,}"
+            for name, v in m["sources"].items()
+        ),
+        f"rows {m['num_rows']:,} x {m['max_seq_len']} ({'packed' if m['pack'] else 'one document per row'}), "
+        f"documents {m['num_documents']:,}, tokens {m['num_tokens']:,}, supervised {m['num_supervised_tokens']:,}, "
+        f"packing efficiency {m['packing_efficiency']:.1%}",
+        f"bad rows skipped: {m['bad_rows'] or 'none'}; dropped: {m['dropped'] or 'none'}; truncated: {m['truncated']}",
+    ]
+    return "\n".join(lines)

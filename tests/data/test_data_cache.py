@@ -1,0 +1,86 @@
+"""The prepared-data cache: reuse without re-tokenizing, rebuild on change, atomic writes, manifest."""
+
+import json
+
+import numpy as np
+import pytest
+from data_helpers import chat, data_config, ouro_tok, project_tok, source, write_jsonl
+
+from ouro_train.data import pipeline, prepare, tokenizer_hash
+from ouro_train.data.cache import FORMAT_VERSION
+
+
+@pytest.fixture
+def counted_tokenization(monkeypatch):
+    calls = []
+    real = pipeline.tokenize_batch
+
+    def counting(batch, **kwargs):
+        calls.append(len(batch["messages"]))
+        return real(batch, **kwargs)
+
+    monkeypatch.setattr(pipeline, "tokenize_batch", counting)
+    return calls
+
+
+def test_same_config_reuses_without_tokenizing(tmp_path, counted_tokenization):
+    path = write_jsonl(tmp_path / "c.jsonl", [chat(f"q{i}", f"a{i}") for i in range(20)])
+    data = data_config(tmp_path, [source("c", path)], max_seq_len=128)
+    first = prepare(data, project_tok())
+    assert sum(counted_tokenization) == 20
+    again = prepare(data_config(tmp_path, [source("c", path)], max_seq_len=128, num_proc=2), project_tok())
+    assert sum(counted_tokenization) == 20, "re-tokenized although nothing that matters changed"
+    assert again.path == first.path and np.array_equal(again.tokens, first.tokens)
+
+
+def test_changed_config_data_or_tokenizer_rebuilds(tmp_path, counted_tokenization):
+    path = write_jsonl(tmp_path / "c.jsonl", [chat(f"q{i}", f"a{i}") for i in range(20)])
+    base = prepare(data_config(tmp_path, [source("c", path)], max_seq_len=128), project_tok())
+    paths = {base.path}
+    for changed in (dict(max_seq_len=256), dict(pack=False), dict(seed=3), dict(last_turn_only=True)):
+        paths.add(prepare(data_config(tmp_path, [source("c", path)], **{"max_seq_len": 128, **changed}), project_tok()).path)
+    paths.add(prepare(data_config(tmp_path, [source("c", path, count=10)], max_seq_len=128), project_tok()).path)
+    write_jsonl(path, [chat(f"q{i}", f"a{i}") for i in range(21)])  # the file changes
+    paths.add(prepare(data_config(tmp_path, [source("c", path)], max_seq_len=128), project_tok()).path)
+    assert len(paths) == 7
+    other_tok = ouro_tok()
+    rebuilt = prepare(data_config(tmp_path, [source("c", path)], max_seq_len=128), other_tok)
+    assert rebuilt.path not in paths
+    assert rebuilt.manifest["tokenizer_hash"] == tokenizer_hash(other_tok) != tokenizer_hash(project_tok())
+
+
+def test_interrupted_prepare_leaves_no_cache(tmp_path, monkeypatch):
+    path = write_jsonl(tmp_path / "c.jsonl", [chat()] * 5)
+    data = data_config(tmp_path, [source("c", path)], max_seq_len=128)
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "write_manifest", crash)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(data, project_tok())
+    assert list((tmp_path / "cache").iterdir()) == [], "a partial cache directory was left behind"
+    monkeypatch.undo()
+    assert prepare(data, project_tok()).manifest["num_documents"] == 5
+
+
+def test_manifest_contents(tmp_path):
+    math = write_jsonl(tmp_path / "m.jsonl", [chat(f"{i}+1?", str(i + 1)) for i in range(30)] + [b"{oops"])
+    talk = write_jsonl(tmp_path / "t.jsonl", [chat(f"hi {i}", "hello") for i in range(10)])
+    from ouro_train.config import OnBadRow
+
+    data = data_config(
+        tmp_path, [source("math", math, domain="math"), source("talk", talk, domain="chat", epochs=2.0)],
+        max_seq_len=128, on_bad_row=OnBadRow.skip,
+    )
+    prepared = prepare(data, project_tok())
+    m = json.loads((prepared.path / "manifest.json").read_text())
+    assert m == prepared.manifest
+    assert m["config_hash"] in prepared.path.name and m["tokenizer_hash"] == tokenizer_hash(project_tok())
+    assert m["bad_rows"] == {"bad_json": 1} and m["sources"]["math"]["bad_rows"] == {"bad_json": 1}
+    assert (m["num_documents"], m["num_unique_documents"]) == (50, 40)
+    assert m["domains"]["chat"]["documents"] == 20 and m["domains"]["math"]["documents"] == 30
+    assert m["num_rows"] == len(prepared) and m["num_tokens"] == sum(len(prepared[r][0]) for r in range(len(prepared)))
+    assert m["num_supervised_tokens"] == sum(int(prepared[r][1].sum()) for r in range(len(prepared)))
+    assert 0 < m["packing_efficiency"] <= 1 and FORMAT_VERSION == 1
+    assert prepared.tokens.dtype == np.uint16 and isinstance(prepared.tokens, np.memmap)

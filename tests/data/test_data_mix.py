@@ -1,0 +1,72 @@
+"""Mixing: deterministic draws, the three ways to size a source, proportions, and the plan table."""
+
+import numpy as np
+import pytest
+from data_helpers import chat, data_config, project_tok, source, write_jsonl
+
+from ouro_train.config import SourceConfig
+from ouro_train.data import DataError, format_plan, plan, plan_mix, prepare
+from ouro_train.data.mix import draw
+
+
+def test_draw_is_deterministic_and_per_source():
+    a = draw(100, 250, False, seed=7, name="math")
+    assert np.array_equal(a, draw(100, 250, False, seed=7, name="math"))
+    assert not np.array_equal(a, draw(100, 250, False, seed=8, name="math"))
+    assert not np.array_equal(a, draw(100, 250, False, seed=7, name="code"))
+    # two whole passes, then 50 distinct rows
+    assert sorted(a[:100]) == list(range(100)) and sorted(a[100:200]) == list(range(100))
+    assert len(set(a[200:].tolist())) == 50
+
+
+def test_count_without_replacement_is_distinct_with_replacement_repeats():
+    assert len(set(draw(1000, 1000, False, 0, "s").tolist())) == 1000
+    with_replacement = draw(1000, 1000, True, 0, "s")
+    assert len(with_replacement) == 1000 and len(set(with_replacement.tolist())) < 1000
+    assert with_replacement.min() >= 0 and with_replacement.max() < 1000
+
+
+def test_targets_from_count_epochs_weight():
+    sources = [
+        SourceConfig(name="a", count=30),
+        SourceConfig(name="b", epochs=2.5),
+        SourceConfig(name="c"),
+        SourceConfig(name="d", weight=3.0),
+        SourceConfig(name="e", weight=1.0),
+    ]
+    plans = plan_mix(sources, [100, 10, 7, 50, 50], mix_size=401)
+    assert [p.target for p in plans] == [30, 25, 7, 301, 100]
+    # without mix_size the weighted sources share their own total
+    assert [p.target for p in plan_mix(sources, [100, 10, 7, 50, 50])][3:] == [75, 25]
+
+
+def test_bad_specs_are_rejected():
+    with pytest.raises(DataError, match="source 'x': set at most one of weight / count / epochs"):
+        plan_mix([SourceConfig(name="x", count=3, epochs=1.0)], [10])
+    with pytest.raises(DataError, match="source 'y': 5 rows asked of a source with no valid rows"):
+        plan_mix([SourceConfig(name="y", count=5)], [0])
+
+
+def test_mix_proportions_within_tolerance(tmp_path):
+    """Rows of two domains mixed 3:1 by weight: the prepared documents follow within 1%."""
+    math = write_jsonl(tmp_path / "math.jsonl", [chat(f"{i}+{i}?", str(2 * i)) for i in range(200)])
+    chat_rows = write_jsonl(tmp_path / "chat.jsonl", [chat(f"hello {i}", "hi") for i in range(50)])
+    sources = [source("math", math, domain="math", weight=3.0), source("chat", chat_rows, domain="chat", weight=1.0)]
+    data = data_config(tmp_path, sources, mix_size=400, max_seq_len=256)
+    prepared = prepare(data, project_tok())
+    manifest = prepared.manifest
+    docs = {d: v["documents"] for d, v in manifest["domains"].items()}
+    assert sum(docs.values()) == 400
+    assert abs(docs["math"] / 400 - 0.75) < 0.01 and abs(docs["chat"] / 400 - 0.25) < 0.01
+    assert manifest["sources"]["chat"]["unique_selected"] == 50  # 100 rows from 50: two whole passes
+    # another seed draws other rows
+    other = prepare(data_config(tmp_path, sources, mix_size=400, max_seq_len=256, seed=1), project_tok())
+    assert other.path != prepared.path and not np.array_equal(other.row_docs, prepared.row_docs)
+
+
+def test_plan_table(tmp_path):
+    path = write_jsonl(tmp_path / "a.jsonl", [chat()] * 10)
+    data = data_config(tmp_path, [source("a", path, domain="math", epochs=3.0), source("b", path, domain="chat", count=10)])
+    table = format_plan(plan(data))
+    assert "a                            math                10 epochs=3                        30   75.0%" in table
+    assert "total                                 40" in table
