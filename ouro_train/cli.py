@@ -98,7 +98,7 @@ def train() -> None:
             return
         try:
             Trainer(run).train()
-        except (DataError, StopTraining) as e:
+        except (DataError, StopTraining, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(1)
 

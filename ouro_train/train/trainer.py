@@ -31,13 +31,15 @@ import torch
 import torch.distributed as dist
 from ouro_train.config import ModelInit, RunConfig, to_plain_dict
 from ouro_train.data import MicroBatchLoader, load_tokenizer, prepare, split_sources
-from ouro_train.model import OuroConfig, OuroForCausalLM
+from ouro_train.model import CHECKPOINT_GRANULARITIES, OuroConfig, OuroForCausalLM
+from ouro_train.model.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from ouro_train.model.flops import H100_BF16_PEAK_FLOPS, training_flops_per_token
 from ouro_train.train import checkpoint
 from ouro_train.train.engine import bf16_enabled, build_ds_config, init_distributed, param_groups, scheduler_factory
 from ouro_train.train.lora import apply_lora, count_parameters
-from ouro_train.train.metrics import MetricsLogger
+from ouro_train.train.metrics import WANDB_MODES, MetricsLogger
 from ouro_train.train.objectives import compute_objective, validate_objective
+
 
 class StopTraining(RuntimeError):
     pass
@@ -46,13 +48,15 @@ class StopTraining(RuntimeError):
 class Trainer:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
-        validate_objective(cfg.objective)
-        if cfg.objective.name == "gate" and cfg.lora.enabled:
-            raise ValueError("objective.name=gate trains the exit gate alone; it cannot be combined with lora")
         self.rank, self.local_rank, self.world = init_distributed()
         self.is_main = self.rank == 0
         self.output_dir = Path(cfg.output_dir)
         self.device = torch.device("cuda", self.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        # Everything that only depends on the config is checked before data or weights are touched.
+        self._validate()
+        self.grad_accum = self._grad_accum()
+        self._ds_config = build_ds_config(cfg.deepspeed, cfg.optim, micro_batch=cfg.train.micro_batch_size,
+                                          grad_accum=self.grad_accum, world_size=self.world)
         torch.manual_seed(cfg.seed + self.rank)
 
         self.tokenizer = load_tokenizer(cfg.model, cfg.data.cache_dir)
@@ -60,7 +64,6 @@ class Trainer:
         self.eval_data = self._prepare("eval") if split_sources(cfg.data, "eval") else None
         self.loader = MicroBatchLoader(self.train_data, cfg.train.micro_batch_size, rank=self.rank,
                                        world_size=self.world, seed=cfg.data.seed)
-        self.grad_accum = self._grad_accum()
         self.total_steps = self._total_steps()
 
         model = self._build_model()
@@ -97,6 +100,23 @@ class Trainer:
             dist.barrier()
         return data
 
+    def _validate(self) -> None:
+        c = self.cfg
+        validate_objective(c.objective)
+        if c.objective.name == "gate" and c.lora.enabled:
+            raise ValueError("objective.name=gate trains the exit gate alone; it cannot be combined with lora")
+        if c.model.checkpointing not in CHECKPOINT_GRANULARITIES:
+            raise ValueError(f"model.checkpointing={c.model.checkpointing!r} not in {CHECKPOINT_GRANULARITIES}")
+        if c.model.attn_implementation not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"model.attn_implementation={c.model.attn_implementation!r} not in {ATTENTION_IMPLEMENTATIONS}")
+        if c.model.init == ModelInit.pretrained and not (c.model.path and Path(c.model.path, "config.json").exists()):
+            raise ValueError(f"model.path={c.model.path!r} is not a checkpoint directory with a config.json "
+                             "(model.init=pretrained needs one; model.init=random builds a new model)")
+        if c.wandb.mode not in WANDB_MODES:
+            raise ValueError(f"wandb.mode must be one of {WANDB_MODES}, got {c.wandb.mode!r}")
+        if c.checkpoint.every_n_steps < 1:
+            raise ValueError(f"checkpoint.every_n_steps must be >= 1, got {c.checkpoint.every_n_steps}")
+
     def _grad_accum(self) -> int:
         t = self.cfg.train
         per_pass = t.micro_batch_size * self.world  # sequences per micro-step over all ranks
@@ -104,7 +124,10 @@ class Trainer:
             raise ValueError("set train.global_batch_size or train.global_batch_tokens, not both")
         sequences = t.global_batch_size
         if t.global_batch_tokens is not None:
-            sequences = t.global_batch_tokens // self.cfg.data.max_seq_len
+            sequences, rest = divmod(t.global_batch_tokens, self.cfg.data.max_seq_len)
+            if rest or not sequences:
+                raise ValueError(f"train.global_batch_tokens={t.global_batch_tokens} is not a multiple of "
+                                 f"data.max_seq_len={self.cfg.data.max_seq_len} (the length of a packed row)")
         if sequences is None:
             return 1
         if sequences % per_pass:
@@ -127,10 +150,6 @@ class Trainer:
     def _build_model(self) -> torch.nn.Module:
         mcfg = self.cfg.model
         dtype = torch.bfloat16 if bf16_enabled(self.cfg.deepspeed) else torch.float32
-        self._ds_config = build_ds_config(
-            self.cfg.deepspeed, self.cfg.optim, micro_batch=self.cfg.train.micro_batch_size,
-            grad_accum=self.grad_accum, world_size=self.world,
-        )
         if self.cfg.deepspeed.zero_stage == 3:
             # Keeps transformers' ZeRO-3 hook alive: from_pretrained/from_config then build the model
             # already partitioned instead of materialising it on every rank.
@@ -141,8 +160,6 @@ class Trainer:
 
         overrides = dict(mcfg.config_overrides)
         if mcfg.init == ModelInit.pretrained:
-            if not mcfg.path:
-                raise ValueError("model.init=pretrained needs model.path (an Ouro checkpoint directory)")
             model = AutoModelForCausalLM.from_pretrained(
                 mcfg.path, dtype=dtype, attn_implementation=mcfg.attn_implementation, **overrides
             )

@@ -94,3 +94,19 @@ def test_compute_plan_of_the_thinking_recipe(tmp_path):
     assert "128 sequences = 4,194,304 tokens" in out.stdout
     assert "1,804 tok/s per GPU × 32 GPUs" in out.stdout
     assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.checkpointing=blocks", "model.checkpointing='blocks'"),
+        ("model.init=pretrained", "model.path=None is not a checkpoint directory"),
+        ("train.global_batch_size=3", "not a multiple of micro_batch_size"),
+        ("objective.name=expected_logit", "objective.name='expected_logit'"),
+        ("deepspeed.offload_params=true", "offload_params needs zero_stage 3"),
+    ],
+)
+def test_bad_settings_fail_before_any_work(tmp_path, override, message):
+    proc = run_train(f"output_dir={tmp_path}", f"data.cache_dir={tmp_path / 'cache'}", override, check=False)
+    assert proc.returncode == 1 and message in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "cache").exists()  # failed before touching the data
