@@ -16,6 +16,11 @@ ranks), so the result does not depend on how a batch is split.
 
 Every objective also reports, as sums over supervised tokens, the cross-entropy of each step
 (`loss_step{t}`, 1-based), the mean exit step and the exit entropy.
+
+Memory: everything is computed on the supervised positions only, and the vocabulary projection runs in
+chunks of `loss_chunk_tokens` tokens, each recomputed in the backward pass, so no [tokens, vocab]
+logits tensor ever exists whole. `expected_logits` uses that `lm_head` has no bias:
+Σ_t p_t · (W h_t) = W · (Σ_t p_t h_t), one head projection instead of T (equal up to rounding).
 """
 
 from __future__ import annotations
@@ -25,8 +30,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from ouro_train.model import exit_pdf, mixture_logits
+from ouro_train.model import exit_pdf
 
 OBJECTIVES = ("expected_logits", "expected_loss", "final_step", "gate")
 IGNORE = -100
@@ -38,6 +44,7 @@ class ObjectiveConfig:
     entropy_beta: float = 0.05  # β of expected_loss (paper: 0.1 in stage 1a, 0.05 after)
     gate_k: float = 50.0  # slope k of the stage-2 target
     gate_gamma: float = 0.005  # improvement threshold γ of the stage-2 target
+    loss_chunk_tokens: int = 4096  # tokens per vocabulary projection (fp32 logits: chunk × vocab × 4 B)
 
 
 @dataclass
@@ -50,56 +57,68 @@ class ObjectiveOutput:
 def validate_objective(cfg: ObjectiveConfig) -> None:
     if cfg.name not in OBJECTIVES:
         raise ValueError(f"objective.name={cfg.name!r} is not one of {OBJECTIVES}")
+    if cfg.loss_chunk_tokens < 1:
+        raise ValueError(f"objective.loss_chunk_tokens must be >= 1, got {cfg.loss_chunk_tokens}")
 
 
-def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token CE in fp32 per position: logits [B, S, V], labels [B, S] (unshifted, -100 = ignore)
-    -> (ce [B, S-1] with 0 where ignored, mask [B, S-1])."""
-    targets = labels[:, 1:]
-    mask = targets != IGNORE
-    ce = F.cross_entropy(
-        logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="none"
-    ).view_as(targets)
-    return ce, mask
+def chunked_cross_entropy(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Per-token CE in fp32 of `lm_head(hidden)`: hidden [N, d], targets [N] -> [N], chunk by chunk."""
+    pieces = []
+    recompute = torch.is_grad_enabled()
+    for start in range(0, hidden.shape[0], chunk):
+        args = (lm_head, hidden[start : start + chunk], targets[start : start + chunk])
+        pieces.append(checkpoint(_chunk_ce, *args, use_reentrant=False) if recompute else _chunk_ce(*args))
+    return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def _chunk_ce(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(lm_head(hidden).float(), targets, reduction="none")
 
 
 def compute_objective(cfg: ObjectiveConfig, out, labels: torch.Tensor, lm_head: nn.Module) -> ObjectiveOutput:
-    """`out` is an `OuroCausalLMOutput` of a forward without labels (step states + gate logits)."""
-    states = out.step_hidden_states
-    pdf_model_dtype = out.exit_pdf
-    pdf = exit_pdf(out.gate_logits.float())[:, :-1]  # [B, S-1, T] at the predicting positions
+    """`out` is an `OuroCausalLMOutput` of a forward without labels (step states + gate logits);
+    `labels` are aligned with the inputs (-100 = not supervised); position i predicts token i+1."""
     mask = labels[:, 1:] != IGNORE
-    num_tokens = mask.sum()
+    targets = labels[:, 1:][mask]  # [N]
 
-    # Per-step CE is always logged; it carries gradient only where the objective uses it.
-    last = len(states) - 1
-    grad_steps = {"expected_loss": set(range(last + 1)), "final_step": {last}}.get(cfg.name, set())
+    def supervised(x: torch.Tensor) -> torch.Tensor:  # [B, S, ...] -> [N, ...] at the predicting positions
+        return x[:, :-1][mask]
+
+    states = [supervised(h) for h in out.step_hidden_states]  # T × [N, d]
+    gate_logits = supervised(out.gate_logits).float()  # [N, T]
+    pdf = exit_pdf(gate_logits)  # fp32 for the loss terms and statistics
+    steps = len(states)
+
+    # Per-step CE is always reported; it carries gradient only where the objective uses it.
+    grad_steps = {"expected_loss": set(range(steps)), "final_step": {steps - 1}}.get(cfg.name, set())
     step_ce = []
     for t, h in enumerate(states):
         with torch.set_grad_enabled(torch.is_grad_enabled() and t in grad_steps):
-            ce, _ = token_cross_entropy(lm_head(h), labels)
-        step_ce.append(ce)
-    step_ce_t = torch.stack(step_ce, dim=-1)  # [B, S-1, T]
+            step_ce.append(chunked_cross_entropy(lm_head, h, targets, cfg.loss_chunk_tokens))
+    step_ce = torch.stack(step_ce, dim=-1)  # [N, T]
 
     if cfg.name == "expected_logits":
-        ce, _ = token_cross_entropy(mixture_logits(lm_head, states, pdf_model_dtype), labels)
-        per_token = ce
+        # The mixture is formed in the activation dtype with the model-dtype pdf, as upstream forms its logits.
+        pdf_model = supervised(out.exit_pdf)
+        mixture = states[0] * pdf_model[:, :1]
+        for t in range(1, steps):
+            mixture = mixture + states[t] * pdf_model[:, t : t + 1]
+        per_token = chunked_cross_entropy(lm_head, mixture, targets, cfg.loss_chunk_tokens)
     elif cfg.name == "expected_loss":
-        per_token = (pdf * step_ce_t).sum(-1) - cfg.entropy_beta * _entropy(pdf)
+        per_token = (pdf * step_ce).sum(-1) - cfg.entropy_beta * _entropy(pdf)
     elif cfg.name == "final_step":
-        per_token = step_ce_t[..., -1]
+        per_token = step_ce[:, -1]
     else:
-        per_token = _gate_loss(out.gate_logits.float()[:, :-1], step_ce_t.detach(), cfg)
+        per_token = _gate_loss(gate_logits, step_ce.detach(), cfg)
 
-    steps = torch.arange(1, pdf.shape[-1] + 1, device=pdf.device, dtype=pdf.dtype)
-    metric_sums = {f"loss_step{t + 1}": _masked_sum(step_ce_t[..., t].detach(), mask) for t in range(len(states))}
-    metric_sums["exit_mean_step"] = _masked_sum((pdf.detach() * steps).sum(-1), mask)
-    metric_sums["exit_entropy"] = _masked_sum(_entropy(pdf.detach()), mask)
-    return ObjectiveOutput(loss_sum=_masked_sum(per_token, mask), num_tokens=num_tokens, metric_sums=metric_sums)
-
-
-def _masked_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return torch.where(mask, x, torch.zeros_like(x)).sum()
+    step_numbers = torch.arange(1, steps + 1, device=pdf.device, dtype=pdf.dtype)
+    metric_sums = {f"loss_step{t + 1}": step_ce[:, t].detach().sum() for t in range(steps)}
+    metric_sums["exit_mean_step"] = (pdf.detach() * step_numbers).sum()
+    metric_sums["exit_entropy"] = _entropy(pdf.detach()).sum()
+    loss_sum = per_token.sum()
+    if targets.numel() == 0:  # nothing supervised here: a zero that still reaches the graph for backward
+        loss_sum = out.gate_logits.sum() * 0.0
+    return ObjectiveOutput(loss_sum=loss_sum, num_tokens=mask.sum(), metric_sums=metric_sums)
 
 
 def _entropy(pdf: torch.Tensor) -> torch.Tensor:
@@ -107,11 +126,11 @@ def _entropy(pdf: torch.Tensor) -> torch.Tensor:
 
 
 def _gate_loss(gate_logits: torch.Tensor, step_ce: torch.Tensor, cfg: ObjectiveConfig) -> torch.Tensor:
-    """gate_logits [B, S-1, T] (fp32), step_ce [B, S-1, T] detached -> per-token loss [B, S-1]."""
+    """gate_logits [N, T] (fp32), step_ce [N, T] detached -> per-token loss [N]."""
     steps = step_ce.shape[-1]
-    improvement = (step_ce[..., :-1] - step_ce[..., 1:]).clamp_min(0)  # step t over t-1, t = 2..T
+    improvement = (step_ce[:, :-1] - step_ce[:, 1:]).clamp_min(0)  # step t over t-1, t = 2..T
     target_continue = torch.sigmoid(cfg.gate_k * (improvement - cfg.gate_gamma))
-    deciding = gate_logits[..., :-1]  # λ after step t-1 decides whether step t runs
+    deciding = gate_logits[:, :-1]  # λ after step t-1 decides whether step t runs
     # -[w·log(1-λ) + (1-w)·log λ] = BCE of the exit probability λ against the exit target 1-w.
     bce = F.binary_cross_entropy_with_logits(deciding, 1 - target_continue, reduction="none")
     return bce.sum(-1) / steps

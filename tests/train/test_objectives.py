@@ -112,3 +112,39 @@ def test_gradients_reach_what_each_objective_trains():
 def test_unknown_objective_rejected():
     with pytest.raises(ValueError, match="objective.name"):
         validate_objective(ObjectiveConfig("expected_logit"))
+
+
+def test_chunked_loss_never_keeps_whole_logits_for_backward():
+    """The largest tensor kept for the backward pass is far below one [tokens, vocab] logits tensor,
+    which a plain `cross_entropy(lm_head(h))` keeps."""
+    model = tiny_model(seed=33).train()
+    ids = torch.randint(3, 128, (2, 64))
+    vocab, tokens = model.config.vocab_size, 2 * 63
+
+    def largest_saved(loss_fn) -> tuple[int, float]:
+        sizes = []
+
+        def pack(t):
+            sizes.append(t.numel())
+            return t
+
+        out = model(ids, use_cache=False, compute_logits=False)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = loss_fn(out)
+        return max(sizes), loss.item()
+
+    config = ObjectiveConfig("final_step", loss_chunk_tokens=16)
+    chunked, loss = largest_saved(lambda out: compute_objective(config, out, ids, model.lm_head).loss_sum)
+    plain, reference = largest_saved(lambda out: torch.nn.functional.cross_entropy(
+        model.lm_head(out.step_hidden_states[-1][:, :-1]).flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum"))
+    assert chunked < tokens * vocab / 4 and plain >= tokens * vocab
+    assert math.isclose(loss, reference, rel_tol=1e-6)
+
+
+def test_no_supervised_token_gives_a_zero_loss_that_backpropagates():
+    model = tiny_model(seed=34).train()
+    ids = torch.randint(3, 128, (1, 8))
+    out = model(ids, use_cache=False, compute_logits=False)
+    obj = compute_objective(ObjectiveConfig(), out, torch.full_like(ids, -100), model.lm_head)
+    assert obj.num_tokens == 0 and obj.loss_sum.item() == 0.0
+    obj.loss_sum.backward()
