@@ -1,0 +1,155 @@
+"""Training-step throughput of `ouro-train`'s step against a plain baseline, in one run.
+
+    python bench/train_throughput.py                          # CUDA: Ouro-1.4B shapes, 4K..32K, bf16
+    python bench/train_throughput.py --shape tiny --seq 256 512   # CPU check that every variant runs
+
+Each variant runs the real step: a DeepSpeed engine (ZeRO-2, AdamW, bf16 on CUDA) over our model,
+forward + loss + backward + optimizer step, micro-batch 1, on a packed row of documents.
+  baseline  per-layer checkpointing, SDPA causal over the whole row, upstream's loss (CE of the
+            pdf-weighted mixture of T full [S, V] logits tensors: `model(labels=...)`)
+  ours      our objective (chunked, fused expected_logits), packed-document attention (FlexAttention
+            on CUDA), checkpointing `layer` up to 8K and `step+layer` beyond
+  ours_lora the same with LoRA r=16 on every linear projection
+Prints tok/s, MFU (FLOPs per token as in `ouro_train.model.flops`, against 785 TFLOP/s), peak GiB and
+the ratio to the baseline; writes JSON (`--json`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from ouro_train.model import OuroConfig, OuroForCausalLM
+from ouro_train.model.flops import H100_BF16_PEAK_FLOPS, training_flops_per_token
+from ouro_train.train.engine import DeepSpeedConfig, OptimConfig, build_ds_config, init_distributed, param_groups
+from ouro_train.train.lora import LoraConfig, apply_lora
+from ouro_train.train.objectives import ObjectiveConfig, compute_objective
+
+SHAPES = {
+    "tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
+                 head_dim=32),
+    "1.4b": dict(vocab_size=49152, hidden_size=2048, intermediate_size=5632, num_hidden_layers=24,
+                 num_attention_heads=16, head_dim=128),
+}
+VARIANTS = ("baseline", "ours", "ours_lora")
+
+
+def packed_row(seq: int, vocab: int, gen: torch.Generator):
+    """One row of documents of 1/8..1/2 of the row each; every token supervised except document starts."""
+    lengths, left = [], seq
+    while left:
+        n = min(left, int(torch.randint(seq // 8, seq // 2 + 1, (1,), generator=gen)))
+        lengths.append(n)
+        left -= n
+    ids = torch.randint(17, vocab, (1, seq), generator=gen)
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    labels = ids.masked_fill(positions == 0, -100)
+    return ids, positions, labels
+
+
+def build_engine(args, variant: str, seq: int):
+    import deepspeed
+
+    config = OuroConfig(**SHAPES[args.shape], num_key_value_heads=None, total_ut_steps=args.steps,
+                        max_position_embeddings=max(seq, 4096), pad_token_id=0)
+    torch.manual_seed(0)
+    model = OuroForCausalLM(config)
+    if variant == "baseline":
+        model.set_activation_checkpointing("layer")
+    else:
+        model.set_activation_checkpointing("layer" if seq <= 8192 else "step+layer")
+    if variant == "ours_lora":
+        model = apply_lora(model, LoraConfig(enabled=True, r=16, alpha=32, dropout=0.0))
+    ds = build_ds_config(DeepSpeedConfig(zero_stage=2), OptimConfig(lr=1e-5), micro_batch=1, grad_accum=1,
+                         world_size=1)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.0), config=ds)
+    return engine, config
+
+
+def step_fn(engine, variant: str, batch, device):
+    ids, positions, labels = (t.to(device) for t in batch)
+    if variant == "baseline":
+        loss = engine(ids, labels=labels, use_cache=False).loss
+    else:
+        out = engine(ids, position_ids=positions, use_cache=False, compute_logits=False)
+        obj = compute_objective(ObjectiveConfig("expected_logits"), out, labels, engine.module.get_output_embeddings())
+        loss = obj.loss_sum / obj.num_tokens
+    engine.backward(loss)
+    engine.step()
+    return float(loss.detach())
+
+
+def measure(args, variant: str, seq: int) -> dict:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    result = dict(variant=variant, seq=seq)
+    try:
+        engine, config = build_engine(args, variant, seq)
+        batch = packed_row(seq, config.vocab_size, torch.Generator().manual_seed(seq))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        for i in range(args.warmup + args.iters):
+            start = time.perf_counter()
+            result["loss"] = step_fn(engine, variant, batch, device)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= args.warmup:
+                times.append(time.perf_counter() - start)
+    except torch.OutOfMemoryError:
+        result["error"] = "out of memory"
+        return result
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    result["tok_per_s"] = seq / sorted(times)[len(times) // 2]
+    if device.type == "cuda":
+        result["mfu"] = result["tok_per_s"] * training_flops_per_token(config, seq) / H100_BF16_PEAK_FLOPS
+        result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    del engine
+    return result
+
+
+def main() -> None:
+    on_gpu = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", choices=sorted(SHAPES), default="1.4b" if on_gpu else "tiny")
+    p.add_argument("--seq", type=int, nargs="+", default=[4096, 8192, 16384, 32768] if on_gpu else [256, 512])
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument("--steps", type=int, default=4, help="recurrent steps T")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--json", type=Path, default=Path("outputs/bench/train_throughput.json"))
+    args = p.parse_args()
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if on_gpu else "cpu")
+    init_distributed()
+
+    results = [measure(args, v, seq) for seq in args.seq for v in args.variants]
+    baseline = {r["seq"]: r.get("tok_per_s") for r in results if r["variant"] == "baseline"}
+    for r in results:
+        if r.get("tok_per_s") and baseline.get(r["seq"]):
+            r["vs_baseline"] = r["tok_per_s"] / baseline[r["seq"]]
+    meta = dict(shape=args.shape, steps=args.steps, torch=torch.__version__,
+                device=torch.cuda.get_device_name() if on_gpu else "cpu", date=time.strftime("%Y-%m-%d"))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(dict(meta, results=results), indent=2))
+
+    print(f"\n{meta['device']}  shape={args.shape}  T={args.steps}  ({args.json})")
+    print(f"{'seq':>6} {'variant':>10} {'tok/s':>10} {'MFU':>7} {'peak GiB':>9} {'× base':>7}")
+    for r in results:
+        if "error" in r:
+            print(f"{r['seq']:>6} {r['variant']:>10} {r['error']:>36}")
+            continue
+        mfu = f"{r['mfu']:.1%}" if "mfu" in r else "-"
+        peak = f"{r['peak_gib']:.1f}" if "peak_gib" in r else "-"
+        ratio = f"{r['vs_baseline']:.2f}" if "vs_baseline" in r else "-"
+        print(f"{r['seq']:>6} {r['variant']:>10} {r['tok_per_s']:>10,.0f} {mfu:>7} {peak:>9} {ratio:>7}")
+
+
+if __name__ == "__main__":
+    main()
