@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import datasets
 import numpy as np
 import pyarrow.compute as pc
 
@@ -108,22 +109,30 @@ def _build(data: DataConfig, tokenizer, checked: list[Checked], plans: list[Sour
     if data.num_proc > 1:  # each worker encodes on its own core
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
     encoder = ChatEncoder(tokenizer)
-    kwargs = dict(encoder=encoder, max_seq_len=data.max_seq_len, truncate=data.overlong.value == "truncate")
+    kwargs = {
+        "encoder": encoder,
+        "max_seq_len": data.max_seq_len,
+        "truncate": data.overlong.value == "truncate",
+        "last_turn_only": data.last_turn_only,
+    }
     parts, ref_docs, sources_out = [], [], {}
     next_doc = 0
     for s, (c, p) in enumerate(zip(checked, plans)):
         picks = c.valid[draw(len(c.valid), p.target, c.src.replace, data.seed, c.src.name)]
         unique, inverse = np.unique(picks, return_inverse=True)
-        tokenized = c.rows.select(unique).map(
-            tokenize_batch,
-            batched=True,
-            remove_columns=c.rows.column_names,
-            features=TOKENIZED,
-            fn_kwargs={**kwargs, "last_turn_only": data.last_turn_only},
-            num_proc=data.num_proc if data.num_proc > 1 else None,
-            cache_file_name=str(out / "work" / f"tokens-{s}.arrow"),
-            desc=f"tokenizing {c.src.name}",
-        )
+        if len(unique) == 0:  # nothing drawn (count: 0); map() over no rows would drop the columns
+            tokenized = datasets.Dataset.from_dict({name: [] for name in TOKENIZED}, features=TOKENIZED)
+        else:
+            tokenized = c.rows.select(unique).map(
+                tokenize_batch,
+                batched=True,
+                remove_columns=c.rows.column_names,
+                features=TOKENIZED,
+                fn_kwargs=kwargs,
+                num_proc=data.num_proc if data.num_proc > 1 else None,
+                cache_file_name=str(out / "work" / f"tokens-{s}.arrow"),
+                desc=f"tokenizing {c.src.name}",
+            )
         cols = tokenized.with_format("numpy", columns=["length", "num_supervised", "truncated"])[:]
         drop = tokenized.data.column("drop").to_numpy(zero_copy_only=False)
         kept = drop == ""

@@ -1,10 +1,11 @@
 """The prepared-data cache: reuse without re-tokenizing, rebuild on change, atomic writes, manifest."""
 
+import copy
 import json
 
 import numpy as np
 import pytest
-from data_helpers import chat, data_config, ouro_tok, project_tok, source, write_jsonl
+from data_helpers import chat, data_config, project_tok, source, write_jsonl
 
 from ouro_train.data import pipeline, prepare, tokenizer_hash
 from ouro_train.data.cache import FORMAT_VERSION
@@ -43,7 +44,8 @@ def test_changed_config_data_or_tokenizer_rebuilds(tmp_path, counted_tokenizatio
     write_jsonl(path, [chat(f"q{i}", f"a{i}") for i in range(21)])  # the file changes
     paths.add(prepare(data_config(tmp_path, [source("c", path)], max_seq_len=128), project_tok()).path)
     assert len(paths) == 7
-    other_tok = ouro_tok()
+    other_tok = copy.deepcopy(project_tok())
+    other_tok.chat_template = other_tok.chat_template.replace("You are a helpful assistant.", "Hi.")
     rebuilt = prepare(data_config(tmp_path, [source("c", path)], max_seq_len=128), other_tok)
     assert rebuilt.path not in paths
     assert rebuilt.manifest["tokenizer_hash"] == tokenizer_hash(other_tok) != tokenizer_hash(project_tok())

@@ -118,3 +118,16 @@ def test_ouro_prepare_bad_row_exits_with_one_line(tmp_path):
     skipped = run_prepare(*args, "data.on_bad_row=skip", cwd=tmp_path)
     assert skipped.returncode == 0, skipped.stderr
     assert "bad rows skipped: {'unknown_role': 1}" in skipped.stdout
+
+
+def test_ouro_prepare_with_another_recipe_folder(tmp_path):
+    recipes = tmp_path / "my_recipes"
+    recipes.mkdir()
+    rows = write_jsonl(tmp_path / "mine.jsonl", [GOOD_ROW] * 3)
+    (recipes / "mine.yaml").write_text(
+        f"defaults:\n  - run_schema\n  - _self_\ndata:\n  train_files: [{rows}]\n  max_seq_len: 64\n"
+        f"  cache_dir: {tmp_path / 'cache'}\noutput_dir: {tmp_path / 'out'}\n"
+    )
+    done = run_prepare("--config-path", str(recipes), "--config-name", "mine", "--plan", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "mine                         general              3 epochs=1                         3  100.0%" in done.stdout

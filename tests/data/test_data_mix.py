@@ -70,3 +70,17 @@ def test_plan_table(tmp_path):
     table = format_plan(plan(data))
     assert "a                            math                10 epochs=3                        30   75.0%" in table
     assert "total                                 40" in table
+
+
+def test_a_source_can_be_switched_off_and_eval_files_prepare_apart(tmp_path):
+    path = write_jsonl(tmp_path / "a.jsonl", [chat(f"q{i}", "a") for i in range(12)])
+    held_out = write_jsonl(tmp_path / "held_out.jsonl", [chat(f"e{i}", "b") for i in range(5)])
+    data = data_config(tmp_path, [source("on", path, count=4), source("off", path, count=0)], max_seq_len=64)
+    data.eval_files = [str(held_out)]
+    train = prepare(data, project_tok())
+    assert train.manifest["sources"]["off"]["kept"] == 0 and train.manifest["num_documents"] == 4
+    evaluation = prepare(data, project_tok(), "eval")
+    assert evaluation.path != train.path and evaluation.path.name.startswith("eval-")
+    assert list(evaluation.manifest["sources"]) == ["held_out"] and evaluation.manifest["num_documents"] == 5
+    with pytest.raises(DataError, match="names must be unique"):
+        prepare(data_config(tmp_path, [source("a", path)], train_files=[str(path)]), project_tok())
