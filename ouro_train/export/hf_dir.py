@@ -1,0 +1,83 @@
+"""Writing a Hugging Face model directory in upstream Ouro's layout.
+
+    model.safetensors                     (or model-0000k-of-0000n.safetensors + model.safetensors.index.json)
+    config.json                           model_type ouro, architectures [OuroForCausalLM], dtype, ...
+    generation_config.json                eos [<|im_end|>, <|endoftext|>], pad <|endoftext|>
+    tokenizer.json, tokenizer_config.json, chat_template.jinja
+
+Weights are written with safetensors from the state dict (never a pickle), with upstream key names.
+With `remote_code_dir` (a downloaded upstream checkpoint holding `configuration_ouro.py` and
+`modeling_ouro.py`), those files are copied and `auto_map` points at them, for
+`trust_remote_code=True` loaders and vLLM, whose `ouro` model needs upstream's config class.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from huggingface_hub import split_torch_state_dict_into_shards
+from safetensors.torch import save_file
+from transformers import GenerationConfig, PreTrainedTokenizerBase
+
+from ouro_train.export.checkpoints import ExportError
+from ouro_train.generation.chat import DTYPES, stop_token_ids
+from ouro_train.model import OuroConfig
+
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+REMOTE_CODE_FILES = ("configuration_ouro.py", "modeling_ouro.py")
+AUTO_MAP = {
+    "AutoConfig": "configuration_ouro.OuroConfig",
+    "AutoModel": "modeling_ouro.OuroModel",
+    "AutoModelForCausalLM": "modeling_ouro.OuroForCausalLM",
+}
+
+
+def torch_dtype(dtype: str) -> torch.dtype:
+    if dtype not in DTYPES:
+        raise ExportError(f"dtype {dtype!r} not in {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def write_weights(out_dir: Path, state_dict: dict[str, torch.Tensor], max_shard_size: int | str) -> None:
+    """safetensors file(s), with an index when sharded."""
+    split = split_torch_state_dict_into_shards(
+        state_dict, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size
+    )
+    for filename, names in split.filename_to_tensors.items():
+        save_file({n: state_dict[n].contiguous() for n in names}, out_dir / filename, metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def write_config(out_dir: Path, config: OuroConfig, dtype: torch.dtype, remote_code_dir: Path | None) -> None:
+    config = copy.deepcopy(config)
+    config.architectures = ["OuroForCausalLM"]
+    config.dtype = dtype
+    if hasattr(config, "auto_map"):  # only valid beside the remote-code files it names
+        del config.auto_map
+    if remote_code_dir is not None:
+        for name in REMOTE_CODE_FILES:
+            source = remote_code_dir / name
+            if not source.is_file():
+                needed = " and ".join(REMOTE_CODE_FILES)
+                raise ExportError(f"{source} not found: --remote-code needs upstream's {needed}")
+            shutil.copyfile(source, out_dir / name)
+        config.auto_map = dict(AUTO_MAP)
+    config.save_pretrained(out_dir)
+
+
+def write_tokenizer(out_dir: Path, tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> None:
+    """The tokenizer files (with the chat template) and a generation config that stops at the end of a
+    chat turn as well as at the end of a document."""
+    if tokenizer.chat_template is None:
+        raise ExportError("the tokenizer has no chat template")
+    if len(tokenizer) > vocab_size:
+        raise ExportError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab_size}")
+    tokenizer.save_pretrained(out_dir)
+    im_end, end_of_text = stop_token_ids(tokenizer)
+    GenerationConfig(eos_token_id=[im_end, end_of_text], pad_token_id=end_of_text).save_pretrained(out_dir)
