@@ -138,6 +138,7 @@ class CheckpointConfig:
 class EvalConfig:
     every_n_steps: int = 0  # 0: only at the end (when eval data is configured)
     max_batches: Optional[int] = None  # micro-batches per rank; None: the whole eval set
+    ut_steps: List[int] = field(default_factory=list)  # recurrent steps scored (may exceed T); []: 1..T
 
 
 @dataclass

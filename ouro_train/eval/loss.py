@@ -18,11 +18,11 @@ from typing import Iterable, Sequence
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from ouro_train.data.loader import IGNORE_INDEX
-from ouro_train.model import exit_pdf
+from ouro_train.model import exit_entropy, exit_pdf
+from ouro_train.train.objectives import chunked_cross_entropy
 
 _MODEL_INPUTS = ("input_ids", "labels", "attention_mask", "position_ids")
 
@@ -33,13 +33,15 @@ def evaluate_loss_per_step(
     batches: Iterable[dict],
     ut_steps: Sequence[int],
     sum_across_ranks: bool = False,
+    chunk_tokens: int = 4096,
 ) -> dict:
     """Per-step loss, perplexity and exit statistics over `batches`.
 
     `model` is an `OuroForCausalLM` or a peft `PeftModel` around one. Each batch is a dict of [B, S]
     tensors as the data loader's `collate` makes them: `input_ids`, `labels` (the token, or -100 where
     not supervised; unshifted, as for the model's `labels`), optionally `attention_mask` and
-    `position_ids` (packed rows); other keys are ignored. With `sum_across_ranks` every rank passes its
+    `position_ids` (packed rows); other keys are ignored. The vocabulary projection runs `chunk_tokens`
+    tokens at a time. With `sum_across_ranks` every rank passes its
     own share of the batches and the sums are all-reduced (every rank must call). Under ZeRO-3 pass
     the engine's module, on every rank.
 
@@ -65,11 +67,10 @@ def evaluate_loss_per_step(
         tokens += targets.numel()
         for row, t in enumerate(steps):
             h = out.step_hidden_states[t - 1][:, :-1][scored]
-            logits = lm_head(h).float()
-            sums[row, 0] += F.cross_entropy(logits, targets, reduction="sum").double()
+            sums[row, 0] += chunked_cross_entropy(lm_head, h, targets, chunk_tokens).sum().double()
             pdf = exit_pdf(out.gate_logits[..., :t])[:, :-1][scored].float()
             sums[row, 1] += (pdf * torch.arange(1, t + 1, device=device)).sum().double()
-            sums[row, 2] += -(pdf * pdf.clamp_min(1e-30).log()).sum().double()
+            sums[row, 2] += exit_entropy(pdf).sum().double()
     if sum_across_ranks:
         dist.all_reduce(sums)
         dist.all_reduce(tokens)

@@ -26,11 +26,14 @@ from peft import LoraConfig
 from transformers import AutoTokenizer
 
 from ouro_train.model import OuroConfig
-from ouro_train.train.checkpoint import COMPLETE, checkpoints_root, complete_checkpoints
-
-MODEL_DIR = "model"
-BASE_MODEL_FILE = "base_model.json"
-ADAPTER_CONFIG_FILE = "adapter_config.json"
+from ouro_train.train.checkpoint import (
+    ADAPTER_CONFIG_FILE,
+    BASE_MODEL_FILE,
+    COMPLETE,
+    MODEL_DIR,
+    checkpoints_root,
+    complete_checkpoints,
+)
 
 
 class ExportError(ValueError):

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 import torch
 
 from ouro_train.model import OuroCache, OuroForCausalLM, exit_pdf, threshold_exit_steps
-from ouro_train.model.attention import plan_attention
 
 KV_FILLS = ("copy", "average")
 
@@ -192,7 +191,7 @@ def _decode_position(model, cache: ExitKVCache, tokens, rows, attention_mask, st
             break
         batch_rows = rows[live]
         cache.rows = None if len(batch_rows) == batch else batch_rows
-        plans = _attention_plans(inner, len(batch_rows), past_len, attention_mask[batch_rows])
+        plans = inner.attention_plans(len(batch_rows), 1, past_len, attention_mask[batch_rows], device=h.device)
         rope = (cos[batch_rows], sin[batch_rows])
         for layer in inner.layers:
             h = layer(h, rope, plans[layer.attention_type], cache, step * cache.num_layers + layer.layer_idx)
@@ -211,18 +210,6 @@ def _decode_position(model, cache: ExitKVCache, tokens, rows, attention_mask, st
             live, h = live[~exiting], h[~exiting]
     cache.end_position()
     return model.lm_head(exit_state), steps_run
-
-
-def _attention_plans(inner, batch: int, past_len: int, attention_mask: torch.Tensor) -> dict:
-    """The model's attention plan for one new token per row, per attention type."""
-    implementation = inner.config._attn_implementation or "sdpa"
-    common = dict(batch_size=batch, q_len=1, past_len=past_len, device=attention_mask.device,
-                  attention_mask=attention_mask)
-    plans = {"full_attention": plan_attention(implementation, **common)}
-    if "sliding_attention" in inner.config.layer_types:
-        plans["sliding_attention"] = plan_attention(implementation, sliding_window=inner.config.sliding_window,
-                                                    **common)
-    return plans
 
 
 def _next_token(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:

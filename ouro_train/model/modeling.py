@@ -68,6 +68,11 @@ def exit_pdf(gate_logits: torch.Tensor) -> torch.Tensor:
     return torch.stack(probs, dim=-1)
 
 
+def exit_entropy(pdf: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of exit distributions [..., T] -> [...]."""
+    return -(pdf * pdf.clamp_min(torch.finfo(pdf.dtype).tiny).log()).sum(-1)
+
+
 def mixture_logits(lm_head: nn.Module, states: tuple[torch.Tensor, ...], pdf: torch.Tensor) -> torch.Tensor:
     """Σ_t p_t · lm_head(h_t), accumulated in the activation dtype in step order (as upstream)."""
     total = None
@@ -172,7 +177,7 @@ class OuroModel(OuroPreTrainedModel):
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + seq, device=h.device)[None].expand(batch, -1)
         rope = self.rotary_emb(position_ids, h.dtype)
-        plans = self._attention_plans(batch, seq, past_len, h.device, attention_mask, doc_ids)
+        plans = self.attention_plans(batch, seq, past_len, attention_mask, doc_ids, device=h.device)
 
         step_states, gates = [], []
         for step in range(steps):
@@ -200,7 +205,9 @@ class OuroModel(OuroPreTrainedModel):
             h = checkpoint(layer, *args, use_reentrant=False) if per_layer else layer(*args)
         return self.norm(h)
 
-    def _attention_plans(self, batch, seq, past_len, device, attention_mask, doc_ids) -> dict:
+    def attention_plans(self, batch: int, seq: int, past_len: int, attention_mask=None, doc_ids=None, *,
+                        device: torch.device) -> dict:
+        """The attention plan of one forward, per attention type (see `attention.plan_attention`)."""
         implementation = self.config._attn_implementation or "sdpa"
         common = dict(
             batch_size=batch, q_len=seq, past_len=past_len, device=device, attention_mask=attention_mask, doc_ids=doc_ids

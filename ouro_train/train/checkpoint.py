@@ -1,4 +1,9 @@
-"""Training checkpoints: `output_dir/checkpoints/step-NNNNNNNN/`.
+"""The layout of a training run, and its checkpoints `output_dir/checkpoints/step-NNNNNNNN/`.
+
+    output_dir/model/        the model's config.json and the tokenizer files; LoRA runs also the peft
+                             adapter_config.json and base_model.json ({"path": base dir, or null})
+    output_dir/checkpoints/  the checkpoints below
+    output_dir/metrics.jsonl the metrics
 
 Each holds DeepSpeed's checkpoint (module, optimizer and scheduler states, ZeRO shards), one
 `rank{r}.pt` per process (data-loader position and RNG states) and `trainer_state.json`. The empty
@@ -20,6 +25,9 @@ import torch
 import torch.distributed as dist
 
 COMPLETE = "COMPLETE"
+MODEL_DIR = "model"
+BASE_MODEL_FILE = "base_model.json"
+ADAPTER_CONFIG_FILE = "adapter_config.json"  # written by peft's LoraConfig.save_pretrained
 _TAG = re.compile(r"^step-(\d{8})$")
 
 

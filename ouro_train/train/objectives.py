@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ouro_train.model import exit_pdf
+from ouro_train.model import exit_entropy, exit_pdf
 
 OBJECTIVES = ("expected_logits", "expected_loss", "final_step", "gate")
 IGNORE = -100
@@ -105,7 +105,7 @@ def compute_objective(cfg: ObjectiveConfig, out, labels: torch.Tensor, lm_head: 
             mixture = mixture + states[t] * pdf_model[:, t : t + 1]
         per_token = chunked_cross_entropy(lm_head, mixture, targets, cfg.loss_chunk_tokens)
     elif cfg.name == "expected_loss":
-        per_token = (pdf * step_ce).sum(-1) - cfg.entropy_beta * _entropy(pdf)
+        per_token = (pdf * step_ce).sum(-1) - cfg.entropy_beta * exit_entropy(pdf)
     elif cfg.name == "final_step":
         per_token = step_ce[:, -1]
     else:
@@ -114,15 +114,11 @@ def compute_objective(cfg: ObjectiveConfig, out, labels: torch.Tensor, lm_head: 
     step_numbers = torch.arange(1, steps + 1, device=pdf.device, dtype=pdf.dtype)
     metric_sums = {f"loss_step{t + 1}": step_ce[:, t].detach().sum() for t in range(steps)}
     metric_sums["exit_mean_step"] = (pdf.detach() * step_numbers).sum()
-    metric_sums["exit_entropy"] = _entropy(pdf.detach()).sum()
+    metric_sums["exit_entropy"] = exit_entropy(pdf.detach()).sum()
     loss_sum = per_token.sum()
     if targets.numel() == 0:  # nothing supervised here: a zero that still reaches the graph for backward
         loss_sum = out.gate_logits.sum() * 0.0
     return ObjectiveOutput(loss_sum=loss_sum, num_tokens=mask.sum(), metric_sums=metric_sums)
-
-
-def _entropy(pdf: torch.Tensor) -> torch.Tensor:
-    return -(pdf * pdf.clamp_min(torch.finfo(pdf.dtype).tiny).log()).sum(-1)
 
 
 def _gate_loss(gate_logits: torch.Tensor, step_ce: torch.Tensor, cfg: ObjectiveConfig) -> torch.Tensor:

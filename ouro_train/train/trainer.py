@@ -21,6 +21,7 @@ row stops the run with an error.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import signal
 import time
@@ -31,6 +32,7 @@ import torch
 import torch.distributed as dist
 from ouro_train.config import ModelInit, RunConfig, to_plain_dict
 from ouro_train.data import MicroBatchLoader, load_tokenizer, prepare, split_sources
+from ouro_train.eval import evaluate_loss_per_step
 from ouro_train.model import CHECKPOINT_GRANULARITIES, OuroConfig, OuroForCausalLM
 from ouro_train.model.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from ouro_train.model.flops import H100_BF16_PEAK_FLOPS, training_flops_per_token
@@ -192,17 +194,14 @@ class Trainer:
 
     def _write_model_dir(self) -> None:
         """`output_dir/model/`: what export needs besides the weights."""
-        out = self.output_dir / "model"
+        out = self.output_dir / checkpoint.MODEL_DIR
         out.mkdir(parents=True, exist_ok=True)
-        base = self.engine.module.get_base_model() if self.cfg.lora.enabled else self.engine.module
-        base.config.save_pretrained(out)
+        self._model_config().save_pretrained(out)
         self.tokenizer.save_pretrained(out)
         if self.cfg.lora.enabled:
-            import json
-
             self.engine.module.peft_config["default"].save_pretrained(out)
             path = self.cfg.model.path if self.cfg.model.init == ModelInit.pretrained else None
-            (out / "base_model.json").write_text(json.dumps({"path": path}))
+            (out / checkpoint.BASE_MODEL_FILE).write_text(json.dumps({"path": path}))
 
     def _resume(self) -> None:
         path = checkpoint.resolve_resume(self.cfg.resume, self.output_dir)
@@ -338,31 +337,31 @@ class Trainer:
         if self.device.type != "cuda":
             return
         record["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        config = (self.engine.module.get_base_model() if self.cfg.lora.enabled else self.engine.module).config
-        flops = training_flops_per_token(config, self.cfg.data.max_seq_len)
+        flops = training_flops_per_token(self._model_config(), self.cfg.data.max_seq_len)
         record["mfu"] = record["tok_per_s"] / self.world * flops / H100_BF16_PEAK_FLOPS
 
     # ----------------------------------------------------------------------------------- eval / save
-    @torch.no_grad()
     def evaluate(self) -> dict:
+        """Loss per recurrent step on the eval data (`ouro-eval`'s computation, summed over ranks);
+        `eval_loss` is the loss of the model's own T steps."""
+        steps = self._model_config().total_ut_steps
+        ut_steps = list(self.cfg.eval.ut_steps) or list(range(1, steps + 1))
         loader = MicroBatchLoader(self.eval_data, self.cfg.train.micro_batch_size, rank=self.rank,
                                   world_size=self.world, shuffle=False)
-        self.engine.eval()
-        sums: dict[str, float] = {}
         batches = itertools.islice(loader, self.cfg.eval.max_batches) if self.cfg.eval.max_batches else loader
-        for mb in batches:
-            obj = self._forward(mb)
-            for key, value in itertools.chain([("eval_loss", obj.loss_sum), ("n", obj.num_tokens)],
-                                              ((f"eval_{k}", v) for k, v in obj.metric_sums.items())):
-                sums[key] = sums.get(key, 0.0) + float(value)
-        self.engine.train()
-        names = sorted(sums)
-        totals = self._all_reduce(torch.tensor([sums[k] for k in names], dtype=torch.float64))
-        agg = dict(zip(names, totals.tolist()))
-        n = max(agg.pop("n"), 1.0)
-        record = {"split": "eval", "step": self.step, **{k: v / n for k, v in agg.items()}}
+        result = evaluate_loss_per_step(self.engine.module, batches, sorted(set(ut_steps) | {steps}),
+                                        sum_across_ranks=True, chunk_tokens=self.cfg.objective.loss_chunk_tokens)
+        by_step = {row["ut_steps"]: row for row in result["per_step"]}
+        record = {"split": "eval", "step": self.step, "eval_loss": by_step[steps]["loss"],
+                  "eval_ppl": by_step[steps]["ppl"], "eval_exit_mean_step": by_step[steps]["exit_mean_step"],
+                  "eval_exit_entropy": by_step[steps]["exit_entropy"], "eval_tokens": result["tokens"]}
+        record.update({f"eval_loss_step{t}": by_step[t]["loss"] for t in ut_steps})
         self.metrics.log(record)
         return record
+
+    def _model_config(self) -> OuroConfig:
+        module = self.engine.module
+        return (module.get_base_model() if self.cfg.lora.enabled else module).config
 
     def save(self) -> Path:
         trainer_state = {
