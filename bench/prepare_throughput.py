@@ -124,6 +124,7 @@ def main() -> None:
     if not (args.tokenizer / "tokenizer.json").exists():
         sys.exit(f"no tokenizer at {args.tokenizer} (pass --tokenizer DIR)")
     tokenizer = PreTrainedTokenizerFast.from_pretrained(args.tokenizer)
+    load_before = os.getloadavg()[0]  # other work on the machine skews the numbers: recorded with them
 
     with tempfile.TemporaryDirectory(prefix="ouro-prepare-bench-") as tmp:
         work = Path(tmp)
@@ -131,7 +132,7 @@ def main() -> None:
         runs = [run_prepare(files, tokenizer, n, work) for n in args.num_proc]
     pack_s = packing_seconds_per_doc()
 
-    base = runs[0]
+    base = next((r for r in runs if r["num_proc"] == 1), runs[0])  # speed-ups and projection relative to it
     ex_s, tok_s = base["examples_per_s_per_process"], base["tokens_per_s_per_process"]
     projection = {
         "examples": MIX_EXAMPLES,
@@ -143,7 +144,12 @@ def main() -> None:
         "assumes": "linear scaling to 32 processes of load/validate/tokenize; packing in one process; hub download not included",
     }
     result = {
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "load_average_before_after": [load_before, os.getloadavg()[0]],
+        },
         "tokenizer": str(args.tokenizer),
         "rows": args.rows,
         "runs": runs,
