@@ -58,8 +58,8 @@ def to_conversation(row: Any, fmt: Format, src: SourceConfig) -> list[dict]:
         raise BadRow("bad_type", f"expected a JSON object, got {type(row).__name__}")
     fields = {**DEFAULT_FIELDS[fmt], **src.fields}
     messages, where = ADAPTERS[fmt](row, fields)
-    if src.system_prompt is not None and messages[0]["role"] != "system":
-        messages.insert(0, _message("system", src.system_prompt))
+    if src.system_prompt is not None:
+        _add_system(messages, src.system_prompt)
     if src.parse_think:
         messages = [split_think(m) for m in messages]
     check_conversation(messages, where)
@@ -138,9 +138,15 @@ def _alpaca(row: dict, fields: dict) -> tuple[list[dict], str]:
 
 def _with_system(row: dict, fields: dict, messages: list[dict]) -> list[dict]:
     system = optional_text(row, fields["system"], fields["system"])
-    if system and messages[0]["role"] != "system":
-        messages.insert(0, _message("system", system))
+    if system:
+        _add_system(messages, system)
     return messages
+
+
+def _add_system(messages: list[dict], text: str) -> None:
+    """A system turn first, unless the conversation already starts with one."""
+    if messages[0]["role"] != "system":
+        messages.insert(0, _message("system", text))
 
 
 ADAPTERS: dict[Format, Callable[[dict, dict], tuple[list[dict], str]]] = {
