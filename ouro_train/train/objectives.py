@@ -62,9 +62,16 @@ def validate_objective(cfg: ObjectiveConfig) -> None:
 
 
 def chunked_cross_entropy(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
-    """Per-token CE in fp32 of `lm_head(hidden)`: hidden [N, d], targets [N] -> [N], chunk by chunk."""
+    """Per-token CE in fp32 of `lm_head(hidden)`: hidden [N, d], targets [N] -> [N], chunk by chunk,
+    each chunk's logits recomputed in the backward pass instead of kept.
+
+    Exception: a frozen head partitioned by ZeRO-3 (LoRA). DeepSpeed re-gathers a frozen parameter for
+    a recompute only inside the backward of a module that owns it, and a chunk's first backward op is
+    its cross-entropy, outside `lm_head`; such chunks keep their fp32 log-probabilities instead."""
     pieces = []
-    recompute = torch.is_grad_enabled()
+    weight = lm_head.weight
+    frozen_zero3 = hasattr(weight, "ds_status") and not weight.requires_grad
+    recompute = torch.is_grad_enabled() and not frozen_zero3
     for start in range(0, hidden.shape[0], chunk):
         args = (lm_head, hidden[start : start + chunk], targets[start : start + chunk])
         pieces.append(checkpoint(_chunk_ce, *args, use_reentrant=False) if recompute else _chunk_ce(*args))
