@@ -66,12 +66,12 @@ def prepare() -> None:
     def task(cfg: DictConfig) -> None:
         run = to_object(cfg)
         try:
+            tokenizer = load_tokenizer(run.model, run.data.cache_dir)
             if show_plan:
                 for split in ("train", "eval"):
                     if split_sources(run.data, split):
-                        print(f"[{split}] mix plan\n{format_plan(plan(run.data, split))}")
+                        print(f"[{split}] mix plan\n{format_plan(plan(run.data, split, tokenizer))}")
                 return
-            tokenizer = load_tokenizer(run.model, run.data.cache_dir)
             for split in ("train", "eval"):
                 if split == "train" or split_sources(run.data, split):
                     prepared = prepare(run.data, tokenizer, split)

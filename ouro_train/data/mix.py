@@ -30,6 +30,15 @@ class SourcePlan:
     available: int  # valid rows
     spec: str  # how the target was asked for
     target: int  # rows drawn into the mix
+    mean_tokens: Optional[float] = None  # tokens per row, estimated from a tokenized sample
+
+    @property
+    def epochs(self) -> float:
+        return self.target / self.available if self.available else 0.0
+
+    @property
+    def tokens(self) -> Optional[float]:
+        return None if self.mean_tokens is None else self.mean_tokens * self.target
 
 
 def plan_mix(sources: Sequence[SourceConfig], available: Sequence[int], mix_size: Optional[int] = None) -> list[SourcePlan]:
@@ -72,17 +81,26 @@ def draw(n: int, k: int, replace: bool, seed: int, name: str) -> np.ndarray:
 
 
 def format_plan(plans: Sequence[SourcePlan]) -> str:
-    """The plan as a table: per source, then per domain."""
+    """The plan as a table: per source, then per domain; tokens where a sample was tokenized."""
     total = sum(p.target for p in plans) or 1
-    lines = [f"{'source':<28} {'domain':<10} {'available':>11} {'spec':<22} {'rows':>11} {'share':>7}"]
+
+    def tokens(items: Sequence[SourcePlan]) -> str:
+        known = [p.tokens for p in items if p.tokens is not None]
+        return f"{sum(known):>15,.0f}" if len(known) == len(items) else f"{'-':>15}"
+
+    lines = [f"{'source':<28} {'domain':<10} {'available':>11} {'spec':<22} {'rows':>11} {'epochs':>7} "
+             f"{'share':>7} {'tokens/row':>10} {'est. tokens':>15}"]
     for p in plans:
-        lines.append(f"{p.name:<28} {p.domain:<10} {p.available:>11,} {p.spec:<22} {p.target:>11,} {p.target / total:>7.1%}")
+        per_row = f"{p.mean_tokens:>10,.0f}" if p.mean_tokens is not None else f"{'-':>10}"
+        lines.append(f"{p.name:<28} {p.domain:<10} {p.available:>11,} {p.spec:<22} {p.target:>11,} {p.epochs:>7.2f} "
+                     f"{p.target / total:>7.1%} {per_row} {tokens([p])}")
     lines.append("")
-    lines.append(f"{'domain':<28} {'rows':>11} {'share':>7}")
+    lines.append(f"{'domain':<28} {'rows':>11} {'share':>7} {'est. tokens':>15}")
     for domain in dict.fromkeys(p.domain for p in plans):
-        rows = sum(p.target for p in plans if p.domain == domain)
-        lines.append(f"{domain:<28} {rows:>11,} {rows / total:>7.1%}")
-    lines.append(f"{'total':<28} {sum(p.target for p in plans):>11,}")
+        members = [p for p in plans if p.domain == domain]
+        rows = sum(p.target for p in members)
+        lines.append(f"{domain:<28} {rows:>11,} {rows / total:>7.1%} {tokens(members)}")
+    lines.append(f"{'total':<28} {sum(p.target for p in plans):>11,} {'':>7} {tokens(plans)}")
     return "\n".join(lines)
 
 

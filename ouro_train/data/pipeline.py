@@ -73,13 +73,30 @@ def check_sources(data: DataConfig, sources: list[SourceConfig], work: Path) -> 
     return checked
 
 
-def plan(data: DataConfig, split: str = "train") -> list[SourcePlan]:
-    """The mix plan of a split (loads and validates the sources; tokenizes nothing)."""
+def plan(data: DataConfig, split: str = "train", tokenizer=None, sample: int = 256) -> list[SourcePlan]:
+    """The mix plan of a split (loads and validates the sources). With a tokenizer, up to `sample`
+    valid rows of each source are tokenized to estimate its tokens per row; nothing else is."""
     sources = split_sources(data, split)
     Path(data.cache_dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=data.cache_dir, prefix=".plan-") as work:
         checked = check_sources(data, sources, Path(work))
-        return plan_mix(sources, [len(c.valid) for c in checked], data.mix_size)
+        plans = plan_mix(sources, [len(c.valid) for c in checked], data.mix_size)
+        if tokenizer is not None:
+            encoder = ChatEncoder(tokenizer)
+            for c, p in zip(checked, plans):
+                p.mean_tokens = _mean_tokens(c, encoder, data, sample)
+        return plans
+
+
+def _mean_tokens(c: Checked, encoder: ChatEncoder, data: DataConfig, sample: int) -> float | None:
+    """Mean tokens per row that would enter the mix (overlong rows truncated or left out, per config)."""
+    if len(c.valid) == 0:
+        return None
+    picks = np.random.default_rng(data.seed).choice(c.valid, size=min(sample, len(c.valid)), replace=False)
+    lengths = np.array([len(ids) for ids, _ in encoder.encode_batch(c.rows.select(picks)["messages"],
+                                                                     data.last_turn_only)])
+    kept = np.minimum(lengths, data.max_seq_len) if data.overlong.value == "truncate" else lengths[lengths <= data.max_seq_len]
+    return float(kept.mean()) if len(kept) else None
 
 
 def prepare(data: DataConfig, tokenizer, split: str = "train", log: Log = print) -> PreparedData:

@@ -68,8 +68,23 @@ def test_plan_table(tmp_path):
     path = write_jsonl(tmp_path / "a.jsonl", [chat()] * 10)
     data = data_config(tmp_path, [source("a", path, domain="math", epochs=3.0), source("b", path, domain="chat", count=10)])
     table = format_plan(plan(data))
-    assert "a                            math                10 epochs=3                        30   75.0%" in table
+    assert "a                            math                10 epochs=3                        30    3.00   75.0%" in table
     assert "total                                 40" in table
+
+
+def test_plan_estimates_tokens_from_a_tokenized_sample(tmp_path):
+    """With every row in the sample the estimate is exact: it equals what prepare writes."""
+    path = write_jsonl(tmp_path / "a.jsonl", [chat(f"question {i} " * (i % 5 + 1), "answer " * i) for i in range(40)])
+    data = data_config(tmp_path, [source("a", path, domain="math", epochs=2.0), source("b", path, domain="chat", count=7)],
+                       max_seq_len=4096)
+    plans = {p.name: p for p in plan(data, tokenizer=project_tok(), sample=1000)}
+    manifest = prepare(data, project_tok()).manifest
+    for name in ("a", "b"):
+        assert plans[name].epochs == manifest["sources"][name]["selected"] / 40
+    assert plans["a"].tokens == manifest["sources"]["a"]["tokens"]  # two whole passes: exactly every row twice
+    assert abs(plans["b"].tokens - manifest["sources"]["b"]["tokens"]) <= 0.5 * manifest["sources"]["b"]["tokens"]
+    table = format_plan(list(plans.values()))
+    assert f"{manifest['sources']['a']['tokens']:,}" in table
 
 
 def test_a_source_can_be_switched_off_and_eval_files_prepare_apart(tmp_path):
