@@ -7,6 +7,8 @@ One file per domain, each in a different source format (see data/README.md):
   code.parquet    alpaca           small Python tasks; `output` starts with a <think> block
   science.jsonl   sharegpt         short science Q&A, some with a system turn and a <think> block
   chat.jsonl      messages         multi-turn chat, some assistant turns with `reasoning`
+and a held-out set for evaluation (data/eval/, not used to build the project tokenizer):
+  math_eval.jsonl messages         math problems drawn apart from the training ones, with final answers
 """
 
 from __future__ import annotations
@@ -215,6 +217,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=300, help="rows per domain")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "samples")
+    parser.add_argument("--eval-out", type=Path, default=Path(__file__).resolve().parent / "eval")
+    parser.add_argument("--eval-rows", type=int, default=64)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     for name, make, seed in (("math", math_row, 1), ("science", science_row, 2), ("chat", chat_row, 3)):
@@ -226,6 +230,19 @@ def main() -> None:
     code = [code_row(rng) for _ in range(args.rows)]
     pq.write_table(pa.Table.from_pylist(code), args.out / "code.parquet")
     print(f"wrote {args.rows} rows per domain to {args.out}")
+    write_math_eval(args.eval_out / "math_eval.jsonl", args.eval_rows)
+
+
+def write_math_eval(path: Path, rows: int) -> None:
+    """Held-out math problems as chat messages (another seed than the training samples)."""
+    rng = random.Random(11)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(rows):
+            row = math_row(rng)
+            assistant = {"role": "assistant", "content": row["response"], "reasoning": row["reasoning"]}
+            f.write(json.dumps({"messages": [{"role": "user", "content": row["prompt"]}, assistant]}) + "\n")
+    print(f"wrote {rows} held-out math conversations to {path}")
 
 
 if __name__ == "__main__":
