@@ -259,8 +259,8 @@ class Trainer:
             if stop:
                 self._log(f"stopped by signal {self._stop_signal} after step {self.step}; checkpoint saved")
                 return
-        if self.eval_data is not None and c.eval.every_n_steps and self.step % c.eval.every_n_steps:
-            self.evaluate()
+        if self.eval_data is not None and (not c.eval.every_n_steps or self.step % c.eval.every_n_steps):
+            self.evaluate()  # the final evaluation, unless the last step just had one
         if c.export_at_end and self.is_main:
             from ouro_train.export import export_run
 
@@ -273,17 +273,17 @@ class Trainer:
         supervised, tokens = max(local[0].item(), 1.0), local[1].item()
         scale = self.grad_accum * self.world / supervised
         lr = self.engine.get_lr()[0]
-        sums: dict[str, torch.Tensor] = {}
+        sums: dict[str, torch.Tensor] = {}  # on the device: one host sync per step, not per micro-batch
         for i, mb in enumerate(micro_batches):
             obj = self._forward(mb)
             self.engine.backward(obj.loss_sum * scale)
-            for key, value in itertools.chain([("loss", obj.loss_sum.detach())], obj.metric_sums.items()):
-                sums[key] = sums.get(key, 0.0) + value.detach().float().cpu()
+            for key, value in itertools.chain([("loss", obj.loss_sum)], obj.metric_sums.items()):
+                sums[key] = sums.get(key, 0.0) + value.detach().double()
             if i == len(micro_batches) - 1:
                 self._drop_non_finite_step(sums["loss"])
             self.engine.step()
         names = sorted(sums)
-        totals = self._all_reduce(torch.stack([torch.as_tensor(sums[k], dtype=torch.float64) for k in names]))
+        totals = self._all_reduce(torch.stack([sums[k] for k in names]))
         record = {k: v / supervised for k, v in zip(names, totals.tolist())}
         finite = math.isfinite(record["loss"])
         self.bad_steps_in_row = 0 if finite else self.bad_steps_in_row + 1
@@ -315,7 +315,7 @@ class Trainer:
             group["lr"] = 0.0  # the scheduler sets the next update's lr again
 
     def _forward(self, mb: dict):
-        kwargs = {k: mb[k].to(self.device) for k in ("input_ids", "position_ids") }
+        kwargs = {k: mb[k].to(self.device) for k in ("input_ids", "position_ids")}
         if mb["attention_mask"] is not None:
             kwargs["attention_mask"] = mb["attention_mask"].to(self.device)
         out = self.engine(**kwargs, use_cache=False, compute_logits=False)

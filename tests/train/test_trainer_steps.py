@@ -2,6 +2,7 @@
 checkpoint retention and the resume point."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -123,3 +124,16 @@ def test_keep_last_and_incomplete_checkpoints(tmp_path, cache):
     with pytest.raises(FileNotFoundError, match="COMPLETE"):
         checkpoint.resolve_resume(str(partial), tmp_path)
     assert checkpoint.resolve_resume("none", tmp_path) is None
+
+
+def test_eval_runs_at_the_end_and_every_n_steps(tmp_path, cache):
+    eval_file = Path(__file__).resolve().parents[2] / "data" / "eval" / "math_eval.jsonl"
+    make(tmp_path / "end", cache, "max_steps=2", f"data.eval_files=[{eval_file}]").train()
+    assert sorted(metrics(tmp_path / "end", split="eval")) == [2]  # every_n_steps=0: only the final one
+    make(tmp_path / "every", cache, "max_steps=5", "eval.every_n_steps=2", "eval.ut_steps=[1,2,3,5]",
+         f"data.eval_files=[{eval_file}]").train()
+    evals = metrics(tmp_path / "every", split="eval")
+    assert sorted(evals) == [2, 4, 5]
+    record = evals[5]
+    assert {f"eval_loss_step{t}" for t in (1, 2, 3, 5)} <= record.keys()  # T=5 beyond the trained 3
+    assert record["eval_loss"] == record["eval_loss_step3"] and record["eval_tokens"] > 0
