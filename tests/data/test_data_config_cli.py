@@ -93,7 +93,7 @@ def test_ouro_prepare_smoke_plan_and_build(tmp_path):
     common = ["--config-name", "smoke", f"data.cache_dir={tmp_path / 'cache'}", f"output_dir={tmp_path / 'out'}"]
     planned = run_prepare(*common, "--plan", "--local_rank=0", cwd=tmp_path)
     assert planned.returncode == 0, planned.stderr
-    assert "science                      science            300 epochs=2                       600   44.4%" in planned.stdout
+    assert "science                      science            300 epochs=2                       600    2.00   44.4%" in planned.stdout
     assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").glob("train-*"))
 
     built = run_prepare(*common, cwd=tmp_path)
@@ -130,4 +130,4 @@ def test_ouro_prepare_with_another_recipe_folder(tmp_path):
     )
     done = run_prepare("--config-path", str(recipes), "--config-name", "mine", "--plan", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert "mine                         general              3 epochs=1                         3  100.0%" in done.stdout
+    assert "mine                         general              3 epochs=1                         3    1.00  100.0%" in done.stdout
