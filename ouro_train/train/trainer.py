@@ -44,7 +44,7 @@ from ouro_train.train.objectives import compute_objective, validate_objective
 
 
 class StopTraining(RuntimeError):
-    pass
+    """The run cannot go on (repeated non-finite losses); `ouro-train` reports it and exits 1."""
 
 
 class Trainer:
