@@ -1,5 +1,6 @@
 """Console entry points (Hydra over the recipes in `recipes/`).
 
+    ouro-train --config-name smoke|thinking_sft|lora_domain [overrides...]   (also python -m ouro_train.train)
     ouro-prepare --config-name smoke [overrides...] [--plan]
 
 `--config-path DIR` points Hydra at another recipe directory. Launchers that append `--local_rank=N`
