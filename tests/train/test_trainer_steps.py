@@ -137,3 +137,14 @@ def test_eval_runs_at_the_end_and_every_n_steps(tmp_path, cache):
     record = evals[5]
     assert {f"eval_loss_step{t}" for t in (1, 2, 3, 5)} <= record.keys()  # T=5 beyond the trained 3
     assert record["eval_loss"] == record["eval_loss_step3"] and record["eval_tokens"] > 0
+
+
+def test_global_batch_in_tokens(tmp_path, cache):
+    """2,048 tokens per step = 4 packed rows of 512: micro-batches of 2 need accumulation 2."""
+    trainer = make(tmp_path, cache, "max_steps=1", "train.global_batch_size=null", "train.global_batch_tokens=2048",
+                   "train.micro_batch_size=2")
+    assert trainer.grad_accum == 2
+    trainer.train()
+    assert 0.9 * 2048 < metrics(tmp_path)[1]["tokens"] <= 2048
+    with pytest.raises(ValueError, match="not a multiple of data.max_seq_len"):
+        make(tmp_path / "bad", cache, "train.global_batch_size=null", "train.global_batch_tokens=1000")
