@@ -19,44 +19,27 @@ from pathlib import Path
 
 import torch
 
-from ouro_train.model import CHECKPOINT_GRANULARITIES, OuroConfig, OuroForCausalLM
+from common import SHAPES, bench_config, packed_row
+from ouro_train.model import CHECKPOINT_GRANULARITIES, OuroForCausalLM
 from ouro_train.model.flops import H100_BF16_PEAK_FLOPS, training_flops_per_token
-
-SHAPES = {
-    "tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
-                 head_dim=32),
-    "1.4b": dict(vocab_size=49152, hidden_size=2048, intermediate_size=5632, num_hidden_layers=24,
-                 num_attention_heads=16, head_dim=128),
-}
-def packed_batch(vocab: int, seq: int, device, gen: torch.Generator):
-    lengths, left = [], seq
-    while left > 0:
-        n = min(left, int(torch.randint(seq // 8 + 1, seq // 2 + 2, (1,), generator=gen)))
-        lengths.append(n)
-        left -= n
-    ids = torch.randint(17, vocab, (1, seq), generator=gen)
-    pos = torch.cat([torch.arange(n) for n in lengths])[None]
-    return ids.to(device), pos.to(device)
-
 
 def run(args, seq: int, granularity: str) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    config = OuroConfig(**SHAPES[args.shape], num_key_value_heads=None, total_ut_steps=args.steps,
-                        max_position_embeddings=max(seq, 4096), pad_token_id=0)
+    config = bench_config(args.shape, args.steps, seq)
     torch.manual_seed(0)
     with torch.device(device):
         model = OuroForCausalLM(config).to(dtype).train()
     model.set_activation_checkpointing(granularity)
     gen = torch.Generator().manual_seed(0)
-    ids, pos = packed_batch(config.vocab_size, seq, device, gen)
+    ids, pos, labels = (t.to(device) for t in packed_row(seq, config.vocab_size, gen))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
     try:
         for i in range(args.warmup + args.iters):
             start = time.perf_counter()
-            loss = model(ids, position_ids=pos, labels=ids, use_cache=False).loss
+            loss = model(ids, position_ids=pos, labels=labels, use_cache=False).loss
             loss.backward()
             model.zero_grad(set_to_none=True)
             if device.type == "cuda":

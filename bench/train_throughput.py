@@ -24,39 +24,20 @@ from pathlib import Path
 
 import torch
 
-from ouro_train.model import OuroConfig, OuroForCausalLM
+from common import SHAPES, bench_config, packed_row
+from ouro_train.model import OuroForCausalLM
 from ouro_train.model.flops import H100_BF16_PEAK_FLOPS, training_flops_per_token
 from ouro_train.train.engine import DeepSpeedConfig, OptimConfig, build_ds_config, init_distributed, param_groups
 from ouro_train.train.lora import LoraConfig, apply_lora
 from ouro_train.train.objectives import ObjectiveConfig, compute_objective
 
-SHAPES = {
-    "tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
-                 head_dim=32),
-    "1.4b": dict(vocab_size=49152, hidden_size=2048, intermediate_size=5632, num_hidden_layers=24,
-                 num_attention_heads=16, head_dim=128),
-}
 VARIANTS = ("baseline", "ours", "ours_lora")
-
-
-def packed_row(seq: int, vocab: int, gen: torch.Generator):
-    """One row of documents of 1/8..1/2 of the row each; every token supervised except document starts."""
-    lengths, left = [], seq
-    while left:
-        n = min(left, int(torch.randint(seq // 8, seq // 2 + 1, (1,), generator=gen)))
-        lengths.append(n)
-        left -= n
-    ids = torch.randint(17, vocab, (1, seq), generator=gen)
-    positions = torch.cat([torch.arange(n) for n in lengths])[None]
-    labels = ids.masked_fill(positions == 0, -100)
-    return ids, positions, labels
 
 
 def build_engine(args, variant: str, seq: int):
     import deepspeed
 
-    config = OuroConfig(**SHAPES[args.shape], num_key_value_heads=None, total_ut_steps=args.steps,
-                        max_position_embeddings=max(seq, 4096), pad_token_id=0)
+    config = bench_config(args.shape, args.steps, seq)
     torch.manual_seed(0)
     model = OuroForCausalLM(config)
     if variant == "baseline":

@@ -98,17 +98,15 @@ def save(engine, output_dir: str | Path, step: int, rank_state: dict, trainer_st
 
 def load(engine, path: Path) -> tuple[dict, dict]:
     """Restore engine + this rank's state; returns (rank_state, trainer_state)."""
-    rank = dist.get_rank()
-    rank_file = path / f"rank{rank}.pt"
-    if not rank_file.exists():
+    trainer_state = json.loads((path / "trainer_state.json").read_text())
+    if trainer_state["world_size"] != dist.get_world_size():
         raise RuntimeError(
-            f"{path} was saved by fewer processes than this run has (no {rank_file.name}); resume with the "
-            "same number of processes"
+            f"{path} was written by {trainer_state['world_size']} processes; this run has "
+            f"{dist.get_world_size()}: resume with the same number of processes"
         )
     loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=True)
     if loaded is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}")
-    rank_state = torch.load(rank_file, weights_only=False)
+    rank_state = torch.load(path / f"rank{dist.get_rank()}.pt", weights_only=False)
     set_rng_state(rank_state.pop("rng"))
-    trainer_state = json.loads((path / "trainer_state.json").read_text())
     return rank_state, trainer_state

@@ -17,9 +17,6 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-ZERO_PRESETS = ("zero0", "zero1", "zero2", "zero3", "zero3_offload")
-
-
 @dataclass
 class DeepSpeedConfig:
     """Config group `deepspeed` (recipes/deepspeed/*.yaml)."""
@@ -140,7 +137,7 @@ def init_distributed() -> tuple[int, int, int]:
 
     if "RANK" not in os.environ:  # a plain `ouro-train` process: a group of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -149,7 +146,8 @@ def init_distributed() -> tuple[int, int, int]:
     return dist.get_rank(), local_rank, dist.get_world_size()
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this host now (for a rendezvous we start ourselves)."""
     import socket
 
     with socket.socket() as s:

@@ -23,11 +23,14 @@ class WandbConfig:
     entity: Optional[str] = None
 
 
+def validate_wandb(cfg: WandbConfig) -> None:
+    if cfg.mode not in WANDB_MODES:
+        raise ValueError(f"wandb.mode must be one of {WANDB_MODES}, got {cfg.mode!r}")
+
+
 class MetricsLogger:
     def __init__(self, output_dir: str | Path, *, enabled: bool, total_steps: int, start_step: int,
                  wandb_cfg: WandbConfig, run_config: dict):
-        if wandb_cfg.mode not in WANDB_MODES:
-            raise ValueError(f"wandb.mode must be one of {WANDB_MODES}, got {wandb_cfg.mode!r}")
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"
         self._run = None

@@ -39,7 +39,7 @@ from ouro_train.model.flops import H100_BF16_PEAK_FLOPS, training_flops_per_toke
 from ouro_train.train import checkpoint
 from ouro_train.train.engine import bf16_enabled, build_ds_config, init_distributed, param_groups, scheduler_factory
 from ouro_train.train.lora import apply_lora, count_parameters
-from ouro_train.train.metrics import WANDB_MODES, MetricsLogger
+from ouro_train.train.metrics import MetricsLogger, validate_wandb
 from ouro_train.train.objectives import compute_objective, validate_objective
 
 
@@ -114,8 +114,7 @@ class Trainer:
         if c.model.init == ModelInit.pretrained and not (c.model.path and Path(c.model.path, "config.json").exists()):
             raise ValueError(f"model.path={c.model.path!r} is not a checkpoint directory with a config.json "
                              "(model.init=pretrained needs one; model.init=random builds a new model)")
-        if c.wandb.mode not in WANDB_MODES:
-            raise ValueError(f"wandb.mode must be one of {WANDB_MODES}, got {c.wandb.mode!r}")
+        validate_wandb(c.wandb)
         if c.checkpoint.every_n_steps < 1:
             raise ValueError(f"checkpoint.every_n_steps must be >= 1, got {c.checkpoint.every_n_steps}")
 
@@ -208,10 +207,6 @@ class Trainer:
         if path is None:
             return
         rank_state, trainer_state = checkpoint.load(self.engine, path)
-        if trainer_state["world_size"] != self.world:
-            raise RuntimeError(
-                f"{path} was written by {trainer_state['world_size']} processes; this run has {self.world}"
-            )
         self.loader.load_state_dict(rank_state["loader"])
         self.step = trainer_state["step"]
         self.tokens_seen = trainer_state["tokens_seen"]

@@ -6,7 +6,6 @@ The reference is what the training engine itself computed on fixed inputs right 
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,15 +19,10 @@ from transformers import AutoModelForCausalLM
 from conftest import shared_path
 from ouro_train.export import ExportError, export_run
 from ouro_train.export.cli import main as export_cli
+from ouro_train.train.engine import free_port
 
 WRITER = Path(__file__).with_name("ds_run_writer.py")
 STAGES = ["zero0", "zero1", "zero2", "zero3"]
-
-
-def _free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
 
 
 def _write_runs(cmd: list, env: dict) -> None:
@@ -43,8 +37,8 @@ def runs(tmp_path_factory):
     tokenizer = shared_path("ouro-1.4b-files")
     root = tmp_path_factory.mktemp("runs")
     _write_runs([sys.executable, WRITER, root, "--stages", "0", "1", "2", "--tokenizer", tokenizer],
-                {"MASTER_PORT": _free_port()})
-    _write_runs([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", _free_port(),
+                {"MASTER_PORT": str(free_port())})
+    _write_runs([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
                  WRITER, root, "--stages", "3", "--tokenizer", tokenizer], {})
     yield root
     shutil.rmtree(root, ignore_errors=True)  # the checkpoints are a few hundred MB

@@ -1,6 +1,7 @@
 """Trainer behaviour in one process: batch-split invariance, non-finite steps, gate and LoRA training,
 checkpoint retention and the resume point."""
 
+import json
 import math
 from pathlib import Path
 
@@ -148,3 +149,12 @@ def test_global_batch_in_tokens(tmp_path, cache):
     assert 0.9 * 2048 < metrics(tmp_path)[1]["tokens"] <= 2048
     with pytest.raises(ValueError, match="not a multiple of data.max_seq_len"):
         make(tmp_path / "bad", cache, "train.global_batch_size=null", "train.global_batch_tokens=1000")
+
+
+def test_resume_refuses_another_number_of_processes(tmp_path, cache):
+    make(tmp_path, cache, "max_steps=1").train()
+    state_file = checkpoint.complete_checkpoints(tmp_path)[-1] / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps({**state, "world_size": 2}))
+    with pytest.raises(RuntimeError, match="written by 2 processes; this run has 1"):
+        make(tmp_path, cache, "max_steps=2")

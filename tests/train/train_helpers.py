@@ -12,6 +12,7 @@ from hydra import compose, initialize_config_dir
 
 from conftest import REPO_ROOT
 from ouro_train.config import RunConfig, to_object
+from ouro_train.train.engine import free_port
 
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "disabled", "HF_DATASETS_OFFLINE": "1",
        "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
@@ -28,9 +29,9 @@ def train_command(*overrides: str, recipe: str = "smoke", nproc: int = 1, launch
     if nproc == 1:
         return [str(bin_dir / "ouro-train"), *args]
     if launcher == "deepspeed":  # appends --local_rank=N to our arguments
-        return [str(bin_dir / "deepspeed"), "--num_gpus", str(nproc), "--master_port", _port(),
+        return [str(bin_dir / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()),
                 "--module", "ouro_train.train", *args]
-    return [str(bin_dir / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", _port(),
+    return [str(bin_dir / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
             "-m", "ouro_train.train", *args]
 
 
@@ -50,11 +51,3 @@ def metrics(output_dir: Path, split: str = "train") -> dict[int, dict]:
         if record.get("split", "train") == split:
             out[record["step"]] = record
     return out
-
-
-def _port() -> str:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
