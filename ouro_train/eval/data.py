@@ -1,45 +1,33 @@
 """Held-out chat data for evaluation: jsonl rows -> conversations -> padded batches with assistant labels.
 
-Rows are read by the data pipeline's format adapters (OpenAI `messages`, ShareGPT, prompt/response,
+Rows are read and validated by the data pipeline (OpenAI `messages`, ShareGPT, prompt/response,
 alpaca; `<think>` blocks split into reasoning) and rendered by its `ChatEncoder`, so the supervised
 tokens are exactly those training supervises.
 """
 
 from __future__ import annotations
 
-import json
+import tempfile
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 
-from ouro_train.config import SourceConfig
+from ouro_train.config import DataConfig, OnBadRow, SourceConfig
 from ouro_train.data.chat import ChatEncoder
-from ouro_train.data.formats import detect_format, to_conversation
 from ouro_train.data.loader import collate
-from ouro_train.data.validate import BadRow, DataError
+from ouro_train.data.pipeline import check_sources
+from ouro_train.data.validate import DataError
 
 
 def read_conversations(path: str | Path, max_samples: int | None = None) -> list[list[dict]]:
-    """The first `max_samples` conversations of a jsonl file."""
+    """The first `max_samples` conversations of a file, read and validated by the data pipeline
+    (any format and file type it reads); the first bad row raises DataError with its file:line."""
     path = Path(path)
-    source = SourceConfig(name=path.stem)
-    conversations: list[list[dict]] = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if max_samples is not None and len(conversations) >= max_samples:
-                break
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                if not isinstance(row, dict):
-                    raise BadRow("bad_type", f"expected a JSON object, got {type(row).__name__}")
-                conversations.append(to_conversation(row, detect_format(row.keys(), source.name), source))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{number}: not JSON ({e})") from None
-            except BadRow as e:
-                raise DataError(e.message(source.name, f"{path}:{number}")) from None
+    data = DataConfig(on_bad_row=OnBadRow.error)
+    with tempfile.TemporaryDirectory(prefix="ouro-eval-") as work:
+        (checked,) = check_sources(data, [SourceConfig(name=path.stem, path=str(path))], Path(work))
+        conversations = checked.rows.select(checked.valid[:max_samples])["messages"]
     if not conversations:
         raise DataError(f"{path} holds no conversations")
     return conversations

@@ -11,6 +11,7 @@ from transformers import AutoTokenizer
 from conftest import REPO_ROOT, shared_path, tiny_model
 from ouro_train.data.chat import ChatEncoder
 from ouro_train.data.loader import collate
+from ouro_train.data.validate import DataError
 from ouro_train.eval import answer_tasks, evaluate_loss_per_step, final_answer, score_answers
 from ouro_train.eval.cli import main as eval_cli
 from ouro_train.eval.data import loss_batches, read_conversations
@@ -123,3 +124,13 @@ def test_cli_writes_json_and_png(model, tokenizer, tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"messages": [{"role": "robot", "content": "x"}]}\n')
     with pytest.raises(SystemExit, match=r"bad.jsonl:1: field 'messages\[0\].role'"):
         eval_cli(["--model", str(export), "--data", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "bad")])
+
+
+def test_eval_data_is_read_and_validated_by_the_data_pipeline(tmp_path):
+    bad = tmp_path / "held_out.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+                   '{"messages": [{"role": "wizard", "content": "x"}]}\n')
+    with pytest.raises(DataError, match=r"held_out.jsonl:2: field 'messages\[0\].role': unknown role 'wizard'"):
+        read_conversations(bad)
+    code = read_conversations(REPO_ROOT / "data" / "samples" / "code.parquet", 2)
+    assert len(code) == 2 and code[0][-1]["role"] == "assistant"  # Parquet and alpaca, like training data
