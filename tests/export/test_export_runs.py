@@ -16,7 +16,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import shared_path
+from conftest import assert_instances_agree, shared_path
 from ouro_train.export import ExportError, export_run
 from ouro_train.export.cli import main as export_cli
 from ouro_train.train.engine import free_port
@@ -54,12 +54,12 @@ def _logits(model, ids) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("stage", STAGES)
-def test_full_export_reproduces_the_engine_exactly(runs, stage, tmp_path):
+def test_full_export_reproduces_the_engine(runs, stage, tmp_path):
     run = runs / stage / "full"
     out = export_run(run, tmp_path / "export", dtype="fp32")  # newest complete: step 2 (step 3 is unfinished)
     ref = _reference(run, 2)
     reloaded = AutoModelForCausalLM.from_pretrained(out)
-    assert torch.equal(_logits(reloaded, ref["input_ids"]), ref["logits"])
+    assert_instances_agree(_logits(reloaded, ref["input_ids"]), ref["logits"])  # the engine ran another instance
 
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "ouro" and config["architectures"] == ["OuroForCausalLM"]
@@ -101,7 +101,7 @@ def test_explicit_checkpoint_and_bf16(runs, tmp_path):
     run = runs / "zero3" / "full"
     fp32 = export_run(run, tmp_path / "fp32", checkpoint=run / "checkpoints" / "step-00000001", dtype="fp32")
     ref = _reference(run, 1)
-    assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(fp32), ref["input_ids"]), ref["logits"])
+    assert_instances_agree(_logits(AutoModelForCausalLM.from_pretrained(fp32), ref["input_ids"]), ref["logits"])
     bf16 = export_run(run, tmp_path / "bf16", checkpoint=run / "checkpoints" / "step-00000001")
     weights32, weights16 = load_file(fp32 / "model.safetensors"), load_file(bf16 / "model.safetensors")
     assert weights16.keys() == weights32.keys()

@@ -90,7 +90,7 @@ def test_sliding_window_layers_limit_the_receptive_field():
     changed = ids.clone()
     changed[0, 0] = 3 if ids[0, 0] != 3 else 4
     # One step of 2 layers with a window of 4 reaches 6 tokens back: token 11 cannot see token 0.
-    last = model(ids, total_ut_steps=1, exit_at_step=0).logits[0, -1]
+    last = model(ids, total_ut_steps=1, exit_at_step=0).logits[0, -1]  # bitwise: one instance, same shapes
     torch.testing.assert_close(model(changed, total_ut_steps=1, exit_at_step=0).logits[0, -1], last, rtol=0, atol=0)
     # Two steps reach 12 tokens back, so token 0 now matters.
     last2 = model(ids, total_ut_steps=2, exit_at_step=1).logits[0, -1]

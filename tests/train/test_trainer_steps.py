@@ -79,6 +79,7 @@ def test_non_finite_loss_skips_the_step_and_is_counted(tmp_path, cache, zero):
     assert math.isnan(records[1]["loss"]) and math.isfinite(records[3]["loss"])
     assert records[3]["bad_steps"] == 2
     after_nan_steps, after_good_step = module_state(tmp_path, 2), module_state(tmp_path, 3)
+    # Bitwise: a skipped update must leave every stored weight untouched, not merely close.
     for key, value in initial.items():
         assert torch.equal(after_nan_steps[key], value), f"a non-finite step changed {key}"
     assert any(not torch.equal(after_good_step[k], v) for k, v in initial.items())
