@@ -21,7 +21,7 @@ import torch
 
 from common import SHAPES, bench_config, packed_row
 from ouro_train.model import CHECKPOINT_GRANULARITIES, OuroForCausalLM
-from ouro_train.model.flops import H100_BF16_PEAK_FLOPS, training_flops_per_token
+from ouro_train.model.flops import model_flops_utilization
 
 def run(args, seq: int, granularity: str) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -55,7 +55,7 @@ def run(args, seq: int, granularity: str) -> dict:
                   tok_per_s=tok_s, step_s=step, loss=loss)
     if device.type == "cuda":
         result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        result["mfu"] = tok_s * training_flops_per_token(config, seq) / H100_BF16_PEAK_FLOPS
+        result["mfu"] = model_flops_utilization(tok_s, config, seq, torch.cuda.get_device_name())
     else:  # each configuration runs in its own process, so this is its own peak
         result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return result
@@ -93,7 +93,7 @@ def main() -> None:
         if "error" in r:
             print(f"{r['seq']:>6} {r['checkpointing']:>13} {r['error']:>32}")
             continue
-        mfu = f"{r['mfu']:.1%}" if "mfu" in r else "-"
+        mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
         print(f"{r['seq']:>6} {r['checkpointing']:>13} {r['tok_per_s']:>10,.0f} {mfu:>6} {r[mem_key]:>14.2f}")
 
 

@@ -10,7 +10,7 @@ forward + loss + backward + optimizer step, micro-batch 1, on a packed row of do
   ours      our objective (chunked, fused expected_logits), packed-document attention (FlexAttention
             on CUDA), checkpointing `layer` up to 8K and `step+layer` beyond
   ours_lora the same with LoRA r=16 on every linear projection
-Prints tok/s, MFU (FLOPs per token as in `ouro_train.model.flops`, against 785 TFLOP/s), peak GiB and
+Prints tok/s, MFU (FLOPs per token and the device's bf16 peak from `ouro_train.model.flops`), peak GiB and
 the ratio to the baseline; writes JSON (`--json`).
 """
 
@@ -25,11 +25,12 @@ from pathlib import Path
 import torch
 
 from common import SHAPES, bench_config, packed_row
+from ouro_train.config import DeepSpeedConfig, LoraConfig, ObjectiveConfig, OptimConfig
 from ouro_train.model import OuroForCausalLM
-from ouro_train.model.flops import H100_BF16_PEAK_FLOPS, training_flops_per_token
-from ouro_train.train.engine import DeepSpeedConfig, OptimConfig, build_ds_config, init_distributed, param_groups
-from ouro_train.train.lora import LoraConfig, apply_lora
-from ouro_train.train.objectives import ObjectiveConfig, compute_objective
+from ouro_train.model.flops import model_flops_utilization
+from ouro_train.train.engine import build_ds_config, init_distributed, param_groups
+from ouro_train.train.lora import apply_lora
+from ouro_train.train.objectives import compute_objective
 
 VARIANTS = ("baseline", "ours", "ours_lora")
 
@@ -58,7 +59,7 @@ def step_fn(engine, variant: str, batch, device):
         loss = engine(ids, labels=labels, use_cache=False).loss
     else:
         out = engine(ids, position_ids=positions, use_cache=False, compute_logits=False)
-        obj = compute_objective(ObjectiveConfig("expected_logits"), out, labels, engine.module.get_output_embeddings())
+        obj = compute_objective(ObjectiveConfig(), out, labels, engine.module.get_output_embeddings())
         loss = obj.loss_sum / obj.num_tokens
     engine.backward(loss)
     engine.step()
@@ -90,7 +91,7 @@ def measure(args, variant: str, seq: int) -> dict:
             torch.cuda.empty_cache()
     result["tok_per_s"] = seq / sorted(times)[len(times) // 2]
     if device.type == "cuda":
-        result["mfu"] = result["tok_per_s"] * training_flops_per_token(config, seq) / H100_BF16_PEAK_FLOPS
+        result["mfu"] = model_flops_utilization(result["tok_per_s"], config, seq, torch.cuda.get_device_name())
         result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     del engine
     return result
@@ -126,7 +127,7 @@ def main() -> None:
         if "error" in r:
             print(f"{r['seq']:>6} {r['variant']:>10} {r['error']:>36}")
             continue
-        mfu = f"{r['mfu']:.1%}" if "mfu" in r else "-"
+        mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
         peak = f"{r['peak_gib']:.1f}" if "peak_gib" in r else "-"
         ratio = f"{r['vs_baseline']:.2f}" if "vs_baseline" in r else "-"
         print(f"{r['seq']:>6} {r['variant']:>10} {r['tok_per_s']:>10,.0f} {mfu:>7} {peak:>9} {ratio:>7}")

@@ -18,7 +18,7 @@ from typing import Callable, Optional
 import hydra
 from omegaconf import DictConfig
 
-from ouro_train.config import REPO_ROOT, to_object
+from ouro_train.config import REPO_ROOT, ConfigError, to_object
 
 
 def recipes_dir() -> Optional[str]:
@@ -65,8 +65,8 @@ def prepare() -> None:
     show_plan = take_flag(sys.argv, "--plan")
 
     def task(cfg: DictConfig) -> None:
-        run = to_object(cfg)
         try:
+            run = to_object(cfg)
             tokenizer = load_tokenizer(run.model, run.data.cache_dir)
             if show_plan:
                 for split in ("train", "eval"):
@@ -77,7 +77,7 @@ def prepare() -> None:
                 if split == "train" or split_sources(run.data, split):
                     prepared = prepare(run.data, tokenizer, split)
                     print(format_summary(prepared.manifest))
-        except DataError as e:
+        except (DataError, ConfigError) as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(1)
 
@@ -89,18 +89,33 @@ def train() -> None:
 
     def task(cfg: DictConfig) -> None:
         from ouro_train.data import DataError
-        from ouro_train.train.trainer import StopTraining, Trainer
+        from ouro_train.train.trainer import StopTraining
 
-        run = to_object(cfg)
-        if run.dry_run:
-            from ouro_train.train.plan import compute_plan, format_compute_plan
-
-            print(format_compute_plan(compute_plan(run)))
-            return
         try:
-            Trainer(run).train()
+            run = to_object(cfg)
+            if run.dry_run:
+                from ouro_train.train.plan import compute_plan, format_compute_plan
+
+                print(format_compute_plan(compute_plan(run)))
+                return
+            _train_and_export(run)
         except (DataError, StopTraining, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(1)
 
     run_hydra(task)
+
+
+def _train_and_export(run) -> None:
+    """Train; after a completed run (not one a signal stopped), rank 0 writes the inference export."""
+    import torch.distributed as dist
+
+    from ouro_train.train.trainer import Trainer
+
+    trainer = Trainer(run)
+    if trainer.train() and run.export_at_end:
+        if trainer.is_main:
+            from ouro_train.export import export_run
+
+            export_run(trainer.run_dir.root, trainer.run_dir.export_dir, mode="merge" if run.lora.enabled else "full")
+        dist.barrier()

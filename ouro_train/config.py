@@ -9,8 +9,11 @@ A recipe in `recipes/` starts from the schema and fills it in:
 
 Because every section is a dataclass, a key the schema does not declare (a typo in a recipe or on the
 command line) fails with "Key 'foo' is not in struct", and a wrongly typed value fails before any work
-starts. Later sections (deepspeed, optim, objective, lora, checkpoint, ...) are added as new dataclass
-fields of `RunConfig`.
+starts: choice fields are Enums, so `objective.name=expected_logit` fails while Hydra composes the config.
+Value checks (ranges, combinations) run in `to_object`, before any process group, data or weights, and
+name the field by its dotted path (`optim.lr: must be > 0, got 0.0`).
+
+This module is the bottom of the package: it imports nothing from `model/`, `data/` or `train/`.
 
 `${repo_root:}` resolves to the repository that holds `recipes/` and `data/`, so recipes can name the
 committed sample files without depending on the current directory.
@@ -27,12 +30,16 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
-from ouro_train.train.engine import DeepSpeedConfig, OptimConfig
-from ouro_train.train.lora import LoraConfig
-from ouro_train.train.metrics import WandbConfig
-from ouro_train.train.objectives import ObjectiveConfig
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message starts with the field's dotted name."""
+
+
+def _require(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}: {message}")
 
 
 class ModelInit(Enum):
@@ -58,6 +65,31 @@ class Overlong(Enum):
     truncate = "truncate"  # cut at max_seq_len; dropped if no supervised token is left
 
 
+# Activation checkpointing granularity (the model's `set_activation_checkpointing` argument): `step`
+# recomputes each recurrent step, `step+layer` also each layer inside it. Functional form: the member
+# names are the values Hydra reads from a recipe, and `step+layer` is no Python identifier.
+Checkpointing = Enum("Checkpointing", {name: name for name in ("none", "layer", "step", "step+layer")})
+
+
+class AttnImplementation(Enum):
+    sdpa = "sdpa"
+    eager = "eager"  # the reference
+    flex_attention = "flex_attention"  # packed rows use it on CUDA anyway
+
+
+class Objective(Enum):
+    expected_logits = "expected_logits"  # upstream's loss: CE of the exit-pdf-weighted logits
+    expected_loss = "expected_loss"  # the paper's: sum_t p_t CE_t - beta H(p)
+    final_step = "final_step"  # CE of the last recurrent step only
+    gate = "gate"  # stage-2 adaptive gate training, LM frozen
+
+
+class WandbMode(Enum):
+    offline = "offline"
+    online = "online"
+    disabled = "disabled"
+
+
 @dataclass
 class ModelConfig:
     path: Optional[str] = None  # a checkpoint directory or hub id
@@ -67,8 +99,8 @@ class ModelConfig:
     # Config fields set over model.path's config (or the class defaults), e.g. a tiny model for CI.
     config_overrides: Dict[str, Any] = field(default_factory=dict)
     # Activation checkpointing: none | layer | step | step+layer (step+layer for long sequences).
-    checkpointing: str = "none"
-    attn_implementation: str = "sdpa"  # sdpa | eager | flex_attention (packed rows use flex on CUDA anyway)
+    checkpointing: Checkpointing = Checkpointing["none"]
+    attn_implementation: AttnImplementation = AttnImplementation.sdpa
 
 
 @dataclass
@@ -116,6 +148,12 @@ class DataConfig:
     num_proc: int = 1
     cache_dir: str = ".cache/ouro-train"
 
+    def check(self, at: str) -> None:
+        # Sources are checked by the data pipeline, which names the source and its files.
+        _require(self.max_seq_len >= 2, f"{at}.max_seq_len", f"must be >= 2, got {self.max_seq_len}")
+        _require(self.num_proc >= 1, f"{at}.num_proc", f"must be >= 1, got {self.num_proc}")
+        _require(self.mix_size is None or self.mix_size >= 0, f"{at}.mix_size", f"must be >= 0, got {self.mix_size}")
+
 
 @dataclass
 class TrainConfig:
@@ -127,11 +165,105 @@ class TrainConfig:
     epochs: float = 1.0  # passes over the prepared training rows (max_steps wins when set)
     max_bad_steps: int = 3  # non-finite losses in a row before the run stops
 
+    def check(self, at: str) -> None:
+        _require(self.micro_batch_size >= 1, f"{at}.micro_batch_size", f"must be >= 1, got {self.micro_batch_size}")
+        _require(self.global_batch_size is None or self.global_batch_tokens is None, f"{at}.global_batch_tokens",
+                 f"set {at}.global_batch_size or {at}.global_batch_tokens, not both")
+        for name in ("global_batch_size", "global_batch_tokens"):
+            value = getattr(self, name)
+            _require(value is None or value >= 1, f"{at}.{name}", f"must be >= 1, got {value}")
+        _require(self.epochs > 0, f"{at}.epochs", f"must be > 0, got {self.epochs}")
+        _require(self.max_bad_steps >= 1, f"{at}.max_bad_steps", f"must be >= 1, got {self.max_bad_steps}")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-5
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.0  # applied to matrices only, never to norms, biases or the exit gate bias
+    grad_clip: float = 1.0
+    warmup_ratio: float = 0.0  # of the total optimizer steps; warmup_steps wins when set
+    warmup_steps: Optional[int] = None
+    min_lr_ratio: float = 0.0  # cosine decays from lr to lr · min_lr_ratio
+
+    def check(self, at: str) -> None:
+        _require(self.lr > 0, f"{at}.lr", f"must be > 0, got {self.lr}")
+        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"{at}.betas",
+                 f"must be two values in [0, 1), got {list(self.betas)}")
+        _require(self.eps > 0, f"{at}.eps", f"must be > 0, got {self.eps}")
+        _require(self.weight_decay >= 0, f"{at}.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _require(self.grad_clip >= 0, f"{at}.grad_clip", f"must be >= 0 (0: no clipping), got {self.grad_clip}")
+        _require(0 <= self.warmup_ratio <= 1, f"{at}.warmup_ratio", f"must be in [0, 1], got {self.warmup_ratio}")
+        _require(self.warmup_steps is None or self.warmup_steps >= 0, f"{at}.warmup_steps",
+                 f"must be >= 0, got {self.warmup_steps}")
+        _require(0 <= self.min_lr_ratio <= 1, f"{at}.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass
+class DeepSpeedConfig:
+    """Config group `deepspeed` (recipes/deepspeed/*.yaml)."""
+
+    zero_stage: int = 2
+    offload_optimizer: bool = False  # ZeRO-Offload: optimizer states + step on the CPU
+    offload_params: bool = False  # ZeRO-3 only: parameters on the CPU between uses
+    bf16: Optional[bool] = None  # None: bf16 on CUDA, fp32 elsewhere
+    overlap_comm: bool = True
+    reduce_bucket_size: int = 200_000_000
+    stage3_param_persistence_threshold: int = 100_000  # 0 in tests: tiny models would never be partitioned
+    extra: Dict[str, Any] = field(default_factory=dict)  # raw DeepSpeed keys merged last
+
+    def check(self, at: str) -> None:
+        _require(self.zero_stage in (0, 1, 2, 3), f"{at}.zero_stage", f"must be 0..3, got {self.zero_stage}")
+        _require(not self.offload_params or self.zero_stage == 3, f"{at}.offload_params", "needs zero_stage 3")
+        _require(not self.offload_optimizer or self.zero_stage >= 1, f"{at}.offload_optimizer",
+                 "needs zero_stage >= 1")
+
+
+@dataclass
+class ObjectiveConfig:
+    name: Objective = Objective.expected_logits
+    entropy_beta: float = 0.05  # β of expected_loss (paper: 0.1 in stage 1a, 0.05 after)
+    gate_k: float = 50.0  # slope k of the stage-2 target
+    gate_gamma: float = 0.005  # improvement threshold γ of the stage-2 target
+    loss_chunk_tokens: int = 4096  # tokens per vocabulary projection (fp32 logits: chunk × vocab × 4 B)
+
+    def check(self, at: str) -> None:
+        _require(self.loss_chunk_tokens >= 1, f"{at}.loss_chunk_tokens", f"must be >= 1, got {self.loss_chunk_tokens}")
+        _require(self.entropy_beta >= 0, f"{at}.entropy_beta", f"must be >= 0, got {self.entropy_beta}")
+
+
+# The linear projections of an Ouro decoder layer: what LoRA adapters can target.
+OURO_LINEAR_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: List[str] = field(default_factory=lambda: list(OURO_LINEAR_MODULES))
+    # Whole modules trained (and saved) beside the adapters, e.g. ["early_exit_gate"] or norms
+    # ["input_layernorm", "input_layernorm_2", "post_attention_layernorm", "post_attention_layernorm_2", "norm"].
+    modules_to_save: List[str] = field(default_factory=list)
+
+    def check(self, at: str) -> None:
+        _require(self.r >= 1, f"{at}.r", f"must be >= 1, got {self.r}")
+        _require(self.alpha > 0, f"{at}.alpha", f"must be > 0, got {self.alpha}")
+        _require(0 <= self.dropout < 1, f"{at}.dropout", f"must be in [0, 1), got {self.dropout}")
+        unknown = sorted(set(self.target_modules) - set(OURO_LINEAR_MODULES))
+        _require(not unknown, f"{at}.target_modules", f"{unknown} are not Ouro projections; choose from {OURO_LINEAR_MODULES}")
+
 
 @dataclass
 class CheckpointConfig:
     every_n_steps: int = 500
     keep_last: int = 2  # complete checkpoints kept (0: keep all)
+
+    def check(self, at: str) -> None:
+        _require(self.every_n_steps >= 1, f"{at}.every_n_steps", f"must be >= 1, got {self.every_n_steps}")
+        _require(self.keep_last >= 0, f"{at}.keep_last", f"must be >= 0, got {self.keep_last}")
 
 
 @dataclass
@@ -139,6 +271,20 @@ class EvalConfig:
     every_n_steps: int = 0  # 0: only at the end (when eval data is configured)
     max_batches: Optional[int] = None  # micro-batches per rank; None: the whole eval set
     ut_steps: List[int] = field(default_factory=list)  # recurrent steps scored (may exceed T); []: 1..T
+
+    def check(self, at: str) -> None:
+        _require(self.every_n_steps >= 0, f"{at}.every_n_steps", f"must be >= 0, got {self.every_n_steps}")
+        _require(self.max_batches is None or self.max_batches >= 1, f"{at}.max_batches",
+                 f"must be >= 1, got {self.max_batches}")
+        _require(all(t >= 1 for t in self.ut_steps), f"{at}.ut_steps", f"must be >= 1, got {list(self.ut_steps)}")
+
+
+@dataclass
+class WandbConfig:
+    mode: WandbMode = WandbMode.offline
+    project: str = "ouro-train"
+    name: Optional[str] = None  # run name; default: the output directory's name
+    entity: Optional[str] = None
 
 
 @dataclass
@@ -151,6 +297,11 @@ class ComputePlanConfig:
     tok_per_s_per_gpu: float = 4095.0
     # Mean tokens per example, used where the data is not local (hub sources of the thinking mix).
     tokens_per_example: float = 4000.0
+
+    def check(self, at: str) -> None:
+        _require(self.gpus >= 1, f"{at}.gpus", f"must be >= 1, got {self.gpus}")
+        _require(self.tok_per_s_per_gpu > 0, f"{at}.tok_per_s_per_gpu", f"must be > 0, got {self.tok_per_s_per_gpu}")
+        _require(self.tokens_per_example > 0, f"{at}.tokens_per_example", f"must be > 0, got {self.tokens_per_example}")
 
 
 @dataclass
@@ -173,6 +324,15 @@ class RunConfig:
     export_at_end: bool = True  # an inference export in output_dir/export after the last step
     dry_run: bool = False  # print the compute plan and exit
 
+    def check(self, at: str = "") -> None:
+        """Checks that span sections (each section checks its own fields)."""
+        _require(self.max_steps is None or self.max_steps >= 1, "max_steps", f"must be >= 1, got {self.max_steps}")
+        _require(not (self.objective.name == Objective.gate and self.lora.enabled), "objective.name",
+                 "gate trains the exit gate alone; it cannot be combined with lora.enabled=true")
+        tokens = self.train.global_batch_tokens
+        _require(tokens is None or tokens % self.data.max_seq_len == 0, "train.global_batch_tokens",
+                 f"{tokens} is not a multiple of data.max_seq_len={self.data.max_seq_len} (the length of a packed row)")
+
 
 if not OmegaConf.has_resolver("repo_root"):
     OmegaConf.register_new_resolver("repo_root", lambda: str(REPO_ROOT))
@@ -183,10 +343,23 @@ ConfigStore.instance().store(name="run_schema", node=RunConfig)
 def to_object(cfg: Any) -> RunConfig:
     """A resolved RunConfig (real dataclasses and enums) from Hydra's DictConfig.
 
-    Hydra's `+key=value` adds a key even to a dataclass node; such a key is refused here."""
+    Hydra's `+key=value` adds a key even to a dataclass node; such a key is refused here. Then every
+    section's `check` runs: a bad value fails now, naming its field."""
     run = OmegaConf.to_object(cfg)
     _reject_unknown_keys(run, "")
+    _check(run, "")
     return run
+
+
+def _check(node: Any, path: str) -> None:
+    if dataclasses.is_dataclass(node):
+        if hasattr(node, "check"):
+            node.check(path.rstrip("."))
+        for f in dataclasses.fields(node):
+            _check(getattr(node, f.name), f"{path}{f.name}.")
+    elif isinstance(node, list):
+        for i, item in enumerate(node):
+            _check(item, f"{path}{i}.")
 
 
 def _reject_unknown_keys(node: Any, path: str) -> None:

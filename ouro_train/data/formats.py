@@ -27,8 +27,7 @@ from ouro_train.data.validate import (
     require_list,
     require_text,
 )
-
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+from ouro_train.data.chat import THINK_CLOSE, THINK_OPEN
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 DEFAULT_FIELDS = {
     Format.messages: {"messages": "messages"},

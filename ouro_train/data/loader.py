@@ -15,9 +15,9 @@ Collation. A micro-batch holds
   position_ids   [B, S] int64, restarting at 0 at every document; the padding tail is one more
                  "document" (positions 0, 1, ...), so document boundaries are where position_ids is 0
   attention_mask [B, S] int64 1/0 for unpacked rows; None for packed rows (boundaries come from
-                 position_ids / cu_seqlens)
-  cu_seqlens     [D + 1] int32, cumulative lengths of every document and padding tail over the
-                 flattened micro-batch; max_seqlen, their longest
+                 position_ids / cu_seq_lens)
+  cu_seq_lens    [D + 1] int32, cumulative lengths of every document and padding tail over the
+                 flattened micro-batch (the model's `cu_seq_lens`); max_seqlen, their longest
   num_supervised_tokens  number of targets the loss sees: (labels[:, 1:] != -100).sum(), to sum over
                  micro-batches and ranks and divide the summed loss by
   num_tokens     real (non-padding) tokens
@@ -33,8 +33,7 @@ import numpy as np
 import torch
 
 from ouro_train.data.cache import PreparedData
-
-IGNORE_INDEX = -100
+from ouro_train.model.loss import IGNORE_INDEX
 
 
 class RowSampler:
@@ -105,15 +104,15 @@ def collate(
         lengths = [int(x) for x in doc_lengths] + ([seq_len - n] if n < seq_len else [])
         position_ids[b] = np.concatenate([np.arange(length) for length in lengths])
         segments += lengths
-    cu_seqlens = np.zeros(len(segments) + 1, dtype=np.int32)
-    np.cumsum(segments, out=cu_seqlens[1:])
+    cu_seq_lens = np.zeros(len(segments) + 1, dtype=np.int32)
+    np.cumsum(segments, out=cu_seq_lens[1:])
     attention_mask = None if packed else (np.arange(seq_len)[None, :] < np.array([[len(r[0])] for r in rows]))
     return {
         "input_ids": torch.from_numpy(input_ids),
         "labels": torch.from_numpy(labels),
         "position_ids": torch.from_numpy(position_ids),
         "attention_mask": None if attention_mask is None else torch.from_numpy(attention_mask.astype(np.int64)),
-        "cu_seqlens": torch.from_numpy(cu_seqlens),
+        "cu_seq_lens": torch.from_numpy(cu_seq_lens),
         "max_seqlen": max(segments),
         "num_supervised_tokens": int((labels[:, 1:] != IGNORE_INDEX).sum()),
         "num_tokens": int(sum(len(r[0]) for r in rows)),

@@ -19,10 +19,10 @@ from pathlib import Path
 from ouro_train.data.validate import DataError
 from ouro_train.eval.answers import answer_tasks, score_answers
 from ouro_train.eval.data import loss_batches, read_conversations
-from ouro_train.eval.loss import evaluate_loss_per_step
 from ouro_train.eval.plot import plot_eval
 from ouro_train.generation.chat import GenerationSettings, load_model, stop_token_ids
 from ouro_train.generation.early_exit import KV_FILLS
+from ouro_train.model.loss import evaluate_loss_per_step
 
 
 def main(argv: list[str] | None = None) -> None:

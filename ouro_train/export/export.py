@@ -19,13 +19,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from ouro_train.export.checkpoints import (
-    ADAPTER_CONFIG_FILE,
-    ExportError,
-    TrainingRun,
-    check_complete,
-    consolidated_state_dict,
-)
+from ouro_train.export.checkpoints import ExportError, TrainingRun, check_complete, consolidated_state_dict
 from ouro_train.export.hf_dir import DEFAULT_MAX_SHARD_SIZE, torch_dtype, write_config, write_tokenizer, write_weights
 from ouro_train.model import OuroConfig, OuroForCausalLM
 
@@ -46,7 +40,7 @@ def export_run(
     """Export `checkpoint` (default: the run's newest complete one) of the training run at `run_dir`."""
     run = TrainingRun.open(run_dir)
     mode = _resolve_mode(mode, run.lora_config is not None, f"run {run.root}",
-                         f"{run.model_dir / ADAPTER_CONFIG_FILE} not found")
+                         f"{run.layout.adapter_config_file} not found")
     _check_adapter_base(mode, run.base_model_path)
     out_dir = _check_out_dir(out_dir, overwrite)
     checkpoint = Path(checkpoint) if checkpoint is not None else run.newest_checkpoint()

@@ -15,9 +15,11 @@ from typing import Sequence
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from ouro_train.data.chat import IM_END, THINK_OPEN
 from ouro_train.generation.early_exit import generate_early_exit
 
-IM_END, END_OF_TEXT, THINK_OPEN = "<|im_end|>", "<|endoftext|>", "<think>\n"
+END_OF_TEXT = "<|endoftext|>"
+THINKING_PROMPT = THINK_OPEN + "\n"  # the generation prompt of thinking mode, as the chat template writes it
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -75,7 +77,7 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict], thi
     ]
     text = tokenizer.apply_chat_template(rendered, tokenize=False, add_generation_prompt=True)
     if think:
-        text += THINK_OPEN
+        text += THINKING_PROMPT
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -105,7 +107,7 @@ def complete_chats(
             stopped = bool(tokens) and tokens[-1] in stops
             text = tokenizer.decode(tokens[:-1] if stopped else tokens, skip_special_tokens=False)
             completions.append(Completion(
-                text=(THINK_OPEN if settings.think else "") + text,
+                text=(THINKING_PROMPT if settings.think else "") + text,
                 num_tokens=length,
                 mean_steps=sum(steps) / max(length, 1),
                 stopped=stopped,

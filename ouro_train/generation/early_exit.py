@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ouro_train.model import OuroCache, OuroForCausalLM, exit_pdf, threshold_exit_steps
+from ouro_train.model import LoopSlots, OuroCache, OuroForCausalLM, exit_pdf, threshold_exit_steps
 
 KV_FILLS = ("copy", "average")
 
@@ -45,8 +45,8 @@ class EarlyExitOutput:
         return float(self.steps[produced].float().mean()) if produced.any() else 0.0
 
 
-class ExitKVCache:
-    """K/V per slot (slot = step·L + layer), [B, KVH, S, D], grown by one position per decoding step.
+class ExitKVCache(LoopSlots):
+    """K/V per slot (`slot(step, layer)`), [B, KVH, S, D], grown by one position per decoding step.
 
     During a step only `rows` (the rows still running) are computed: `update` receives their K/V,
     writes them into the new position's column and returns their histories. Columns of rows that do
@@ -90,14 +90,14 @@ class ExitKVCache:
     def fill_deeper_steps(self, rows: torch.Tensor, exit_step: int, strategy: str) -> None:
         """K/V of slots (exit_step+1.., every layer) at the new position, for rows exiting at exit_step."""
         for layer in range(self.num_layers):
-            computed = [s * self.num_layers + layer for s in range(exit_step + 1)]
+            computed = [self.slot(s, layer) for s in range(exit_step + 1)]
             for store, new in ((self.keys, self._new_keys), (self.values, self._new_values)):
                 if strategy == "copy":
                     fill = store[computed[-1]][rows, :, -1:]
                 else:
                     fill = torch.stack([store[slot][rows, :, -1:] for slot in computed]).mean(0)
                 for step in range(exit_step + 1, self.steps):
-                    new[step * self.num_layers + layer][rows] = fill
+                    new[self.slot(step, layer)][rows] = fill
 
     def end_position(self) -> None:
         """Slots no running row reached (every row exited earlier) get their filled column now."""
@@ -172,13 +172,14 @@ def generate_early_exit(
 def _decode_position(model, cache: ExitKVCache, tokens, rows, attention_mask, steps: int, threshold: float,
                      kv_fill: str) -> tuple[torch.Tensor, torch.Tensor]:
     """One new token for each of `rows`: logits [len(rows), V] and the steps each ran."""
-    inner = model.model
+    inner = model.base_model
     batch = attention_mask.shape[0]
     saves_compute = threshold < 1.0
     past_len = cache.get_seq_length()
-    cos, sin = inner.rotary_emb(attention_mask.sum(-1, keepdim=True) - 1, inner.embed_tokens.weight.dtype)
+    embed = inner.get_input_embeddings()
+    cos, sin = inner.position_embeddings(attention_mask.sum(-1, keepdim=True) - 1, embed.weight.dtype)
 
-    h = inner.embed_tokens(tokens[:, None])
+    h = embed(tokens[:, None])
     gates = h.new_zeros(len(rows), steps)  # exit-gate logits; zeros for steps not run leave earlier p_t as they are
     exit_state = h.new_empty(len(rows), h.shape[-1])
     exited = torch.zeros(len(rows), dtype=torch.bool, device=h.device)
@@ -192,12 +193,9 @@ def _decode_position(model, cache: ExitKVCache, tokens, rows, attention_mask, st
         batch_rows = rows[live]
         cache.rows = None if len(batch_rows) == batch else batch_rows
         plans = inner.attention_plans(len(batch_rows), 1, past_len, attention_mask[batch_rows], device=h.device)
-        rope = (cos[batch_rows], sin[batch_rows])
-        for layer in inner.layers:
-            h = layer(h, rope, plans[layer.attention_type], cache, step * cache.num_layers + layer.layer_idx)
-        h = inner.norm(h)
+        h, gate = inner.recurrent_step(h, step, (cos[batch_rows], sin[batch_rows]), plans, cache)
         steps_run[live] = step + 1
-        gates[live, step] = inner.early_exit_gate(h)[:, 0, 0]
+        gates[live, step] = gate[:, 0, 0]
 
         # Exit at the first step whose cumulative exit probability reaches the threshold, with the
         # model's own rule on the gates seen so far (the pdf of steps <= `step` does not depend on later gates).
@@ -209,7 +207,7 @@ def _decode_position(model, cache: ExitKVCache, tokens, rows, attention_mask, st
             cache.fill_deeper_steps(batch_rows[exiting], step, kv_fill)
             live, h = live[~exiting], h[~exiting]
     cache.end_position()
-    return model.lm_head(exit_state), steps_run
+    return model.get_output_embeddings()(exit_state), steps_run
 
 
 def _next_token(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from ouro_train.model.cache import OuroCache
+from ouro_train.model.cache import LoopSlots, OuroCache
 from ouro_train.model.configuration import OuroConfig
 from ouro_train.model.modeling import (
     CHECKPOINT_GRANULARITIES,
@@ -22,6 +22,7 @@ AutoModelForCausalLM.register(OuroConfig, OuroForCausalLM, exist_ok=True)
 
 __all__ = [
     "CHECKPOINT_GRANULARITIES",
+    "LoopSlots",
     "OuroCache",
     "OuroCausalLMOutput",
     "OuroConfig",

@@ -1,11 +1,36 @@
-"""Training FLOPs of an Ouro model, for MFU: the same accounting in the benchmarks and the trainer."""
+"""Training FLOPs of an Ouro model and the devices' peak FLOP/s, for MFU: the same accounting in the
+benchmarks and the trainer."""
 
 from __future__ import annotations
 
 from ouro_train.model.configuration import OuroConfig
 
-# Dense bf16 matmul FLOP/s measured on the reference H100 80GB: the MFU denominator.
-H100_BF16_PEAK_FLOPS = 785e12
+# Dense bf16 tensor-core peak FLOP/s from the vendors' data sheets (no sparsity), by a substring of
+# `torch.cuda.get_device_name()`; the first match wins, so the more specific names come first.
+PEAK_BF16_FLOPS: list[tuple[str, float]] = [
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),  # SXM ("NVIDIA H100 80GB HBM3")
+    ("H200", 989e12),
+    ("GH200", 989e12),
+    ("A100", 312e12),  # 40 GB and 80 GB, SXM and PCIe
+    ("L40S", 362e12),
+    ("B200", 2250e12),
+]
+
+
+def peak_bf16_flops(device_name: str) -> float | None:
+    """The device's dense bf16 peak, or None for a device not in the table (then no MFU is reported)."""
+    for key, flops in PEAK_BF16_FLOPS:
+        if key in device_name:
+            return flops
+    return None
+
+
+def model_flops_utilization(tok_per_s: float, config: OuroConfig, seq_len: int, device_name: str) -> float | None:
+    """Training tokens/s of one device as a fraction of its bf16 peak (None: device not in the table)."""
+    peak = peak_bf16_flops(device_name)
+    return None if peak is None else tok_per_s * training_flops_per_token(config, seq_len) / peak
 
 
 def training_flops_per_token(config: OuroConfig, seq_len: int) -> float:

@@ -25,7 +25,7 @@ from transformers.modeling_outputs import ModelOutput
 from transformers.utils import logging
 
 from ouro_train.model.attention import document_ids, plan_attention, position_ids_from_cu_seqlens
-from ouro_train.model.cache import OuroCache, has_slots
+from ouro_train.model.cache import OuroCache, has_slots, loop_slot
 from ouro_train.model.configuration import OuroConfig
 from ouro_train.model.layers import OuroDecoderLayer, RMSNorm, RotaryEmbedding
 
@@ -176,17 +176,14 @@ class OuroModel(OuroPreTrainedModel):
         doc_ids = document_ids(position_ids) if position_ids is not None and past_len == 0 else None
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + seq, device=h.device)[None].expand(batch, -1)
-        rope = self.rotary_emb(position_ids, h.dtype)
+        rope = self.position_embeddings(position_ids, h.dtype)
         plans = self.attention_plans(batch, seq, past_len, attention_mask, doc_ids, device=h.device)
 
         step_states, gates = [], []
         for step in range(steps):
-            if checkpointing in ("step", "step+layer"):
-                h = checkpoint(self._recurrent_step, h, step, rope, plans, None, checkpointing, use_reentrant=False)
-            else:
-                h = self._recurrent_step(h, step, rope, plans, past_key_values, checkpointing)
+            h, gate = self.recurrent_step(h, step, rope, plans, past_key_values)
             step_states.append(h)
-            gates.append(self.early_exit_gate(h))
+            gates.append(gate)
 
         step_states = tuple(step_states)
         return OuroModelOutput(
@@ -197,13 +194,33 @@ class OuroModel(OuroPreTrainedModel):
             gate_logits=torch.cat(gates, dim=-1),
         )
 
-    def _recurrent_step(self, h, step: int, rope, plans, cache, checkpointing: str) -> torch.Tensor:
+    def recurrent_step(self, h: torch.Tensor, step: int, rope, plans: dict, cache=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One recurrent step (0-based `step`): the L layers and the final norm on `h` [B', S, d], then
+        the exit gate: (normed state, gate logits [B', S, 1]).
+
+        `rope` and `plans` are those of these rows (`position_embeddings`, `attention_plans`); `cache`
+        (an `OuroCache`, or any cache with `update(k, v, slot)`) receives the step's keys and values in
+        the slots `loop_slot(step, layer)`. `forward` runs it T times on all rows; compute-saving early-exit
+        decoding runs it on the rows still looping. Activation checkpointing follows
+        `set_activation_checkpointing` while gradients are enabled (no cache then)."""
+        checkpointing = self.activation_checkpointing if torch.is_grad_enabled() else "none"
+        if checkpointing in ("step", "step+layer"):
+            h = checkpoint(self._layer_stack, h, step, rope, plans, None, checkpointing, use_reentrant=False)
+        else:
+            h = self._layer_stack(h, step, rope, plans, cache, checkpointing)
+        return h, self.early_exit_gate(h)
+
+    def _layer_stack(self, h, step: int, rope, plans, cache, checkpointing: str) -> torch.Tensor:
         per_layer = checkpointing in ("layer", "step+layer")
         for layer in self.layers:
-            slot = step * len(self.layers) + layer.layer_idx
+            slot = loop_slot(step, layer.layer_idx, len(self.layers))
             args = (h, rope, plans[layer.attention_type], cache, slot)
             h = checkpoint(layer, *args, use_reentrant=False) if per_layer else layer(*args)
         return self.norm(h)
+
+    def position_embeddings(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE (cos, sin) [B, S, head_dim] for `position_ids` [B, S], from fp32 tables."""
+        return self.rotary_emb(position_ids, dtype)
 
     def attention_plans(self, batch: int, seq: int, past_len: int, attention_mask=None, doc_ids=None, *,
                         device: torch.device) -> dict:

@@ -11,53 +11,21 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-@dataclass
-class DeepSpeedConfig:
-    """Config group `deepspeed` (recipes/deepspeed/*.yaml)."""
-
-    zero_stage: int = 2
-    offload_optimizer: bool = False  # ZeRO-Offload: optimizer states + step on the CPU
-    offload_params: bool = False  # ZeRO-3 only: parameters on the CPU between uses
-    bf16: str = "auto"  # auto: bf16 on CUDA, fp32 elsewhere; or "true" / "false"
-    overlap_comm: bool = True
-    reduce_bucket_size: int = 200_000_000
-    stage3_param_persistence_threshold: int = 100_000  # 0 in tests: tiny models would never be partitioned
-    extra: Dict[str, Any] = field(default_factory=dict)  # raw DeepSpeed keys merged last
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 2e-5
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
-    weight_decay: float = 0.0  # applied to matrices only, never to norms, biases or the exit gate bias
-    grad_clip: float = 1.0
-    warmup_ratio: float = 0.0  # of the total optimizer steps; warmup_steps wins when set
-    warmup_steps: Optional[int] = None
-    min_lr_ratio: float = 0.0  # cosine decays from lr to lr · min_lr_ratio
+from ouro_train.config import DeepSpeedConfig, OptimConfig
 
 
 def bf16_enabled(cfg: DeepSpeedConfig) -> bool:
-    if cfg.bf16 not in ("auto", "true", "false"):
-        raise ValueError(f"deepspeed.bf16 must be auto|true|false, got {cfg.bf16!r}")
-    return torch.cuda.is_available() if cfg.bf16 == "auto" else cfg.bf16 == "true"
+    return torch.cuda.is_available() if cfg.bf16 is None else cfg.bf16
 
 
 def build_ds_config(
     ds: DeepSpeedConfig, optim: OptimConfig, *, micro_batch: int, grad_accum: int, world_size: int
 ) -> dict:
-    if ds.zero_stage not in (0, 1, 2, 3):
-        raise ValueError(f"deepspeed.zero_stage must be 0..3, got {ds.zero_stage}")
-    if ds.offload_params and ds.zero_stage != 3:
-        raise ValueError("deepspeed.offload_params needs zero_stage 3")
-    if ds.offload_optimizer and ds.zero_stage == 0:
-        raise ValueError("deepspeed.offload_optimizer needs zero_stage >= 1")
     on_gpu = torch.cuda.is_available()
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.zero_stage >= 1:

@@ -6,44 +6,32 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from tqdm import tqdm
 
-WANDB_MODES = ("offline", "online", "disabled")
-
-
-@dataclass
-class WandbConfig:
-    mode: str = "offline"
-    project: str = "ouro-train"
-    name: Optional[str] = None  # run name; default: the output directory's name
-    entity: Optional[str] = None
-
-
-def validate_wandb(cfg: WandbConfig) -> None:
-    if cfg.mode not in WANDB_MODES:
-        raise ValueError(f"wandb.mode must be one of {WANDB_MODES}, got {cfg.mode!r}")
+from ouro_train.config import WandbConfig, WandbMode
 
 
 class MetricsLogger:
-    def __init__(self, output_dir: str | Path, *, enabled: bool, total_steps: int, start_step: int,
+    def __init__(self, path: Path, *, enabled: bool, total_steps: int, start_step: int,
                  wandb_cfg: WandbConfig, run_config: dict):
+        """`path`: the run's metrics file; wandb writes beside it."""
         self.enabled = enabled
-        self.path = Path(output_dir) / "metrics.jsonl"
+        self.path = path
+        output_dir = path.parent
         self._run = None
         self._bar = None
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
-        if wandb_cfg.mode != "disabled":
+        if wandb_cfg.mode != WandbMode.disabled:
             import wandb
 
             self._run = wandb.init(
-                mode=wandb_cfg.mode, project=wandb_cfg.project, entity=wandb_cfg.entity,
+                mode=wandb_cfg.mode.value, project=wandb_cfg.project, entity=wandb_cfg.entity,
                 name=wandb_cfg.name or Path(output_dir).resolve().name, dir=str(output_dir), config=run_config,
                 resume="allow",
             )

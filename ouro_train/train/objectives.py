@@ -30,21 +30,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
+from ouro_train.config import Objective, ObjectiveConfig
 from ouro_train.model import exit_entropy, exit_pdf
-
-OBJECTIVES = ("expected_logits", "expected_loss", "final_step", "gate")
-IGNORE = -100
-
-
-@dataclass
-class ObjectiveConfig:
-    name: str = "expected_logits"
-    entropy_beta: float = 0.05  # β of expected_loss (paper: 0.1 in stage 1a, 0.05 after)
-    gate_k: float = 50.0  # slope k of the stage-2 target
-    gate_gamma: float = 0.005  # improvement threshold γ of the stage-2 target
-    loss_chunk_tokens: int = 4096  # tokens per vocabulary projection (fp32 logits: chunk × vocab × 4 B)
+from ouro_train.model.loss import at_supervised, chunked_cross_entropy, exit_statistic_sums, supervised_targets
 
 
 @dataclass
@@ -54,74 +43,39 @@ class ObjectiveOutput:
     metric_sums: dict[str, torch.Tensor] = field(default_factory=dict)  # detached sums over supervised tokens
 
 
-def validate_objective(cfg: ObjectiveConfig) -> None:
-    if cfg.name not in OBJECTIVES:
-        raise ValueError(f"objective.name={cfg.name!r} is not one of {OBJECTIVES}")
-    if cfg.loss_chunk_tokens < 1:
-        raise ValueError(f"objective.loss_chunk_tokens must be >= 1, got {cfg.loss_chunk_tokens}")
-
-
-def chunked_cross_entropy(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
-    """Per-token CE in fp32 of `lm_head(hidden)`: hidden [N, d], targets [N] -> [N], chunk by chunk,
-    each chunk's logits recomputed in the backward pass instead of kept.
-
-    Exception: a frozen head partitioned by ZeRO-3 (LoRA). DeepSpeed re-gathers a frozen parameter for
-    a recompute only inside the backward of a module that owns it, and a chunk's first backward op is
-    its cross-entropy, outside `lm_head`; such chunks keep their fp32 log-probabilities instead."""
-    pieces = []
-    weight = lm_head.weight
-    frozen_zero3 = hasattr(weight, "ds_status") and not weight.requires_grad
-    recompute = torch.is_grad_enabled() and not frozen_zero3
-    for start in range(0, hidden.shape[0], chunk):
-        args = (lm_head, hidden[start : start + chunk], targets[start : start + chunk])
-        pieces.append(checkpoint(_chunk_ce, *args, use_reentrant=False) if recompute else _chunk_ce(*args))
-    return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
-
-
-def _chunk_ce(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(lm_head(hidden).float(), targets, reduction="none")
-
-
 def compute_objective(cfg: ObjectiveConfig, out, labels: torch.Tensor, lm_head: nn.Module) -> ObjectiveOutput:
     """`out` is an `OuroCausalLMOutput` of a forward without labels (step states + gate logits);
     `labels` are aligned with the inputs (-100 = not supervised); position i predicts token i+1."""
-    mask = labels[:, 1:] != IGNORE
-    targets = labels[:, 1:][mask]  # [N]
-
-    def supervised(x: torch.Tensor) -> torch.Tensor:  # [B, S, ...] -> [N, ...] at the predicting positions
-        return x[:, :-1][mask]
-
-    states = [supervised(h) for h in out.step_hidden_states]  # T × [N, d]
-    gate_logits = supervised(out.gate_logits).float()  # [N, T]
+    mask, targets = supervised_targets(labels)  # targets [N]
+    states = [at_supervised(h, mask) for h in out.step_hidden_states]  # T × [N, d]
+    gate_logits = at_supervised(out.gate_logits, mask).float()  # [N, T]
     pdf = exit_pdf(gate_logits)  # fp32 for the loss terms and statistics
     steps = len(states)
 
     # Per-step CE is always reported; it carries gradient only where the objective uses it.
-    grad_steps = {"expected_loss": set(range(steps)), "final_step": {steps - 1}}.get(cfg.name, set())
+    grad_steps = {Objective.expected_loss: set(range(steps)), Objective.final_step: {steps - 1}}.get(cfg.name, set())
     step_ce = []
     for t, h in enumerate(states):
         with torch.set_grad_enabled(torch.is_grad_enabled() and t in grad_steps):
             step_ce.append(chunked_cross_entropy(lm_head, h, targets, cfg.loss_chunk_tokens))
     step_ce = torch.stack(step_ce, dim=-1)  # [N, T]
 
-    if cfg.name == "expected_logits":
+    if cfg.name == Objective.expected_logits:
         # The mixture is formed in the activation dtype with the model-dtype pdf, as upstream forms its logits.
-        pdf_model = supervised(out.exit_pdf)
+        pdf_model = at_supervised(out.exit_pdf, mask)
         mixture = states[0] * pdf_model[:, :1]
         for t in range(1, steps):
             mixture = mixture + states[t] * pdf_model[:, t : t + 1]
         per_token = chunked_cross_entropy(lm_head, mixture, targets, cfg.loss_chunk_tokens)
-    elif cfg.name == "expected_loss":
+    elif cfg.name == Objective.expected_loss:
         per_token = (pdf * step_ce).sum(-1) - cfg.entropy_beta * exit_entropy(pdf)
-    elif cfg.name == "final_step":
+    elif cfg.name == Objective.final_step:
         per_token = step_ce[:, -1]
     else:
         per_token = _gate_loss(gate_logits, step_ce.detach(), cfg)
 
-    step_numbers = torch.arange(1, steps + 1, device=pdf.device, dtype=pdf.dtype)
     metric_sums = {f"loss_step{t + 1}": step_ce[:, t].detach().sum() for t in range(steps)}
-    metric_sums["exit_mean_step"] = (pdf.detach() * step_numbers).sum()
-    metric_sums["exit_entropy"] = exit_entropy(pdf.detach()).sum()
+    metric_sums["exit_mean_step"], metric_sums["exit_entropy"] = exit_statistic_sums(pdf.detach())
     loss_sum = per_token.sum()
     if targets.numel() == 0:  # nothing supervised here: a zero that still reaches the graph for backward
         loss_sum = out.gate_logits.sum() * 0.0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 from ouro_train.config import RunConfig
+from ouro_train.train.batch import batch_geometry, total_steps
 
 PACKING_EFFICIENCY = 0.97  # best-fit packing of long-CoT data into 32K rows; ouro-prepare reports the real one
 
@@ -24,8 +25,9 @@ def compute_plan(cfg: RunConfig) -> dict:
         examples = sum(p.target for p in plan(cfg.data, "train"))
     tokens_per_epoch = examples * cfg.plan.tokens_per_example
     rows_per_epoch = math.ceil(tokens_per_epoch / (cfg.data.max_seq_len * PACKING_EFFICIENCY))
-    sequences_per_step = _sequences_per_step(cfg)
-    steps = cfg.max_steps or max(1, math.floor(cfg.train.epochs * rows_per_epoch / sequences_per_step))
+    geometry = batch_geometry(cfg.train, cfg.data.max_seq_len, cfg.plan.gpus)
+    sequences_per_step = geometry.sequences_per_step
+    steps = total_steps(cfg.max_steps, cfg.train.epochs, geometry.steps_per_epoch(rows_per_epoch))
     train_tokens = steps * sequences_per_step * cfg.data.max_seq_len * PACKING_EFFICIENCY
     seconds = train_tokens / (cfg.plan.gpus * cfg.plan.tok_per_s_per_gpu)
     return {
@@ -42,13 +44,6 @@ def compute_plan(cfg: RunConfig) -> dict:
         "wall_hours": seconds / 3600,
         "gpu_hours": seconds * cfg.plan.gpus / 3600,
     }
-
-
-def _sequences_per_step(cfg: RunConfig) -> int:
-    t = cfg.train
-    if t.global_batch_tokens is not None:
-        return max(1, t.global_batch_tokens // cfg.data.max_seq_len)
-    return t.global_batch_size or t.micro_batch_size * cfg.plan.gpus
 
 
 def format_compute_plan(plan: dict) -> str:

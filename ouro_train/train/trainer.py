@@ -2,8 +2,9 @@
 
     Trainer(cfg).train()
 
-Set-up (every check that can fail does so before the model is built):
-  process group -> tokenizer -> data (rank 0 prepares the cache, the others reuse it) -> batch geometry
+Set-up (the config's values were checked when it was composed; what needs the world size or the
+file system is checked here before the model is built):
+  process group -> batch geometry -> tokenizer -> data (rank 0 prepares the cache, the others reuse it)
   -> model (pretrained or random; activation checkpointing) -> LoRA / gate freezing -> DeepSpeed engine
   -> `output_dir/model/` (config, tokenizer, adapter config) -> resume from the newest complete checkpoint.
 
@@ -16,6 +17,8 @@ One optimizer step:
 SIGTERM / SIGINT: finish the current step, save a checkpoint, exit 0. A non-finite loss: the step is
 not applied (DeepSpeed skips a step whose gradient norm is not finite) and counted; `max_bad_steps` in a
 row stops the run with an error.
+
+The trainer only trains: `ouro-train` (cli.py) exports after a completed run.
 """
 
 from __future__ import annotations
@@ -30,17 +33,20 @@ from typing import Iterator
 
 import torch
 import torch.distributed as dist
-from ouro_train.config import ModelInit, RunConfig, to_plain_dict
+
+from ouro_train.config import ModelInit, Objective, RunConfig, to_plain_dict
 from ouro_train.data import MicroBatchLoader, load_tokenizer, prepare, split_sources
-from ouro_train.eval import evaluate_loss_per_step
-from ouro_train.model import CHECKPOINT_GRANULARITIES, OuroConfig, OuroForCausalLM
-from ouro_train.model.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
-from ouro_train.model.flops import H100_BF16_PEAK_FLOPS, training_flops_per_token
+from ouro_train.model import OuroConfig, OuroForCausalLM
+from ouro_train.model.flops import model_flops_utilization, peak_bf16_flops
+from ouro_train.model.loss import evaluate_loss_per_step
+from ouro_train.run_dir import RunDir
 from ouro_train.train import checkpoint
+from ouro_train.train.batch import batch_geometry, total_steps
 from ouro_train.train.engine import bf16_enabled, build_ds_config, init_distributed, param_groups, scheduler_factory
 from ouro_train.train.lora import apply_lora, count_parameters
-from ouro_train.train.metrics import MetricsLogger, validate_wandb
-from ouro_train.train.objectives import compute_objective, validate_objective
+from ouro_train.train.metrics import MetricsLogger
+from ouro_train.train.objectives import compute_objective
+from ouro_train.train.state import TrainState
 
 
 class StopTraining(RuntimeError):
@@ -52,11 +58,12 @@ class Trainer:
         self.cfg = cfg
         self.rank, self.local_rank, self.world = init_distributed()
         self.is_main = self.rank == 0
-        self.output_dir = Path(cfg.output_dir)
+        self.run_dir = RunDir(cfg.output_dir)
         self.device = torch.device("cuda", self.local_rank) if torch.cuda.is_available() else torch.device("cpu")
-        # Everything that only depends on the config is checked before data or weights are touched.
-        self._validate()
-        self.grad_accum = self._grad_accum()
+        # What the config alone could not tell is checked before data or weights are touched.
+        self._check_model_path()
+        self.geometry = batch_geometry(cfg.train, cfg.data.max_seq_len, self.world)
+        self.grad_accum = self.geometry.grad_accum
         self._ds_config = build_ds_config(cfg.deepspeed, cfg.optim, micro_batch=cfg.train.micro_batch_size,
                                           grad_accum=self.grad_accum, world_size=self.world)
         torch.manual_seed(cfg.seed + self.rank)
@@ -64,9 +71,10 @@ class Trainer:
         self.tokenizer = load_tokenizer(cfg.model, cfg.data.cache_dir)
         self.train_data = self._prepare("train")
         self.eval_data = self._prepare("eval") if split_sources(cfg.data, "eval") else None
-        self.loader = MicroBatchLoader(self.train_data, cfg.train.micro_batch_size, rank=self.rank,
-                                       world_size=self.world, seed=cfg.data.seed)
-        self.total_steps = self._total_steps()
+        loader = MicroBatchLoader(self.train_data, cfg.train.micro_batch_size, rank=self.rank,
+                                  world_size=self.world, seed=cfg.data.seed)
+        self.total_steps = total_steps(cfg.max_steps, cfg.train.epochs,
+                                       self.geometry.steps_per_epoch(len(self.train_data)))
 
         model = self._build_model()
         self.engine = self._build_engine(model)
@@ -74,16 +82,15 @@ class Trainer:
         trainable, total = count_parameters(self.engine.module)
         self.trainable_params = trainable
         self._log(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)")
+        if self.device.type == "cuda" and peak_bf16_flops(torch.cuda.get_device_name(self.device)) is None:
+            self._log(f"no bf16 peak FLOP/s known for {torch.cuda.get_device_name(self.device)!r}: MFU is not logged")
 
-        self.step = 0
-        self.tokens_seen = 0
-        self.bad_steps_in_row = 0
-        self.bad_steps_total = 0
+        self.state = TrainState(loader)
         self._resume()
         if self.is_main:
             self._write_model_dir()
         self.metrics = MetricsLogger(
-            self.output_dir, enabled=self.is_main, total_steps=self.total_steps, start_step=self.step,
+            self.run_dir.metrics_file, enabled=self.is_main, total_steps=self.total_steps, start_step=self.state.step,
             wandb_cfg=cfg.wandb, run_config=to_plain_dict(cfg),
         )
         self._stop_signal: int | None = None
@@ -102,51 +109,11 @@ class Trainer:
             dist.barrier()
         return data
 
-    def _validate(self) -> None:
-        c = self.cfg
-        validate_objective(c.objective)
-        if c.objective.name == "gate" and c.lora.enabled:
-            raise ValueError("objective.name=gate trains the exit gate alone; it cannot be combined with lora")
-        if c.model.checkpointing not in CHECKPOINT_GRANULARITIES:
-            raise ValueError(f"model.checkpointing={c.model.checkpointing!r} not in {CHECKPOINT_GRANULARITIES}")
-        if c.model.attn_implementation not in ATTENTION_IMPLEMENTATIONS:
-            raise ValueError(f"model.attn_implementation={c.model.attn_implementation!r} not in {ATTENTION_IMPLEMENTATIONS}")
-        if c.model.init == ModelInit.pretrained and not (c.model.path and Path(c.model.path, "config.json").exists()):
-            raise ValueError(f"model.path={c.model.path!r} is not a checkpoint directory with a config.json "
+    def _check_model_path(self) -> None:
+        m = self.cfg.model
+        if m.init == ModelInit.pretrained and not (m.path and Path(m.path, "config.json").exists()):
+            raise ValueError(f"model.path={m.path!r} is not a checkpoint directory with a config.json "
                              "(model.init=pretrained needs one; model.init=random builds a new model)")
-        validate_wandb(c.wandb)
-        if c.checkpoint.every_n_steps < 1:
-            raise ValueError(f"checkpoint.every_n_steps must be >= 1, got {c.checkpoint.every_n_steps}")
-
-    def _grad_accum(self) -> int:
-        t = self.cfg.train
-        per_pass = t.micro_batch_size * self.world  # sequences per micro-step over all ranks
-        if t.global_batch_size is not None and t.global_batch_tokens is not None:
-            raise ValueError("set train.global_batch_size or train.global_batch_tokens, not both")
-        sequences = t.global_batch_size
-        if t.global_batch_tokens is not None:
-            sequences, rest = divmod(t.global_batch_tokens, self.cfg.data.max_seq_len)
-            if rest or not sequences:
-                raise ValueError(f"train.global_batch_tokens={t.global_batch_tokens} is not a multiple of "
-                                 f"data.max_seq_len={self.cfg.data.max_seq_len} (the length of a packed row)")
-        if sequences is None:
-            return 1
-        if sequences % per_pass:
-            raise ValueError(
-                f"global batch of {sequences} sequences is not a multiple of micro_batch_size × world size = "
-                f"{t.micro_batch_size} × {self.world}"
-            )
-        return sequences // per_pass
-
-    def _total_steps(self) -> int:
-        if self.cfg.max_steps is not None:
-            return self.cfg.max_steps
-        steps_per_epoch = len(self.loader) // self.grad_accum
-        if steps_per_epoch == 0:
-            raise ValueError(
-                f"one optimizer step needs {self.grad_accum} micro-batches per rank but an epoch has {len(self.loader)}"
-            )
-        return max(1, math.floor(self.cfg.train.epochs * steps_per_epoch))
 
     def _build_model(self) -> torch.nn.Module:
         mcfg = self.cfg.model
@@ -162,22 +129,22 @@ class Trainer:
         overrides = dict(mcfg.config_overrides)
         if mcfg.init == ModelInit.pretrained:
             model = AutoModelForCausalLM.from_pretrained(
-                mcfg.path, dtype=dtype, attn_implementation=mcfg.attn_implementation, **overrides
+                mcfg.path, dtype=dtype, attn_implementation=mcfg.attn_implementation.value, **overrides
             )
         else:
             config = OuroConfig.from_pretrained(mcfg.path, **overrides) if mcfg.path else OuroConfig(**overrides)
             if config.vocab_size < len(self.tokenizer):
                 raise ValueError(f"model vocab_size {config.vocab_size} < tokenizer size {len(self.tokenizer)}")
-            config._attn_implementation = mcfg.attn_implementation
+            config._attn_implementation = mcfg.attn_implementation.value
             torch.manual_seed(self.cfg.seed)  # identical random weights on every rank
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         if not isinstance(model, OuroForCausalLM):
             raise ValueError(f"model.path={mcfg.path} is not an Ouro checkpoint (got {type(model).__name__})")
         model.config.use_cache = False
-        model.set_activation_checkpointing(mcfg.checkpointing)
+        model.set_activation_checkpointing(mcfg.checkpointing.value)
         if self.cfg.lora.enabled:
             model = apply_lora(model, self.cfg.lora)
-        if self.cfg.objective.name == "gate":
+        if self.cfg.objective.name == Objective.gate:
             for name, param in model.named_parameters():
                 param.requires_grad_(name.startswith("model.early_exit_gate."))
         return model
@@ -193,35 +160,31 @@ class Trainer:
 
     def _write_model_dir(self) -> None:
         """`output_dir/model/`: what export needs besides the weights."""
-        out = self.output_dir / checkpoint.MODEL_DIR
+        out = self.run_dir.model_dir
         out.mkdir(parents=True, exist_ok=True)
         self._model_config().save_pretrained(out)
         self.tokenizer.save_pretrained(out)
         if self.cfg.lora.enabled:
             self.engine.module.peft_config["default"].save_pretrained(out)
             path = self.cfg.model.path if self.cfg.model.init == ModelInit.pretrained else None
-            (out / checkpoint.BASE_MODEL_FILE).write_text(json.dumps({"path": path}))
+            self.run_dir.base_model_file.write_text(json.dumps({"path": path}))
 
     def _resume(self) -> None:
-        path = checkpoint.resolve_resume(self.cfg.resume, self.output_dir)
-        if path is None:
-            return
-        rank_state, trainer_state = checkpoint.load(self.engine, path)
-        self.loader.load_state_dict(rank_state["loader"])
-        self.step = trainer_state["step"]
-        self.tokens_seen = trainer_state["tokens_seen"]
-        self.bad_steps_total = trainer_state["bad_steps_total"]
-        self._log(f"resumed from {path} at step {self.step}")
+        path = checkpoint.resolve_resume(self.cfg.resume, self.run_dir)
+        if path is not None:
+            checkpoint.load(self.engine, path, self.state)
+            self._log(f"resumed from {path} at step {self.state.step}")
 
     # ----------------------------------------------------------------------------------- loop
     def _micro_batches(self) -> Iterator[dict]:
         while True:  # epochs; the loader's state follows every micro-batch taken
-            yield from self.loader
+            yield from self.state.loader
 
-    def train(self) -> None:
+    def train(self) -> bool:
+        """Train to the last step; False when a signal stopped the run early (after a checkpoint)."""
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
-            self._train()
+            return self._train()
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
@@ -230,37 +193,32 @@ class Trainer:
     def _on_signal(self, signum, frame) -> None:
         self._stop_signal = signum
 
-    def _train(self) -> None:
-        c = self.cfg
+    def _train(self) -> bool:
+        c, state = self.cfg, self.state
         stream = self._micro_batches()
         self.engine.train()
-        while self.step < self.total_steps:
+        while state.step < self.total_steps:
             start = time.perf_counter()
             record = self._optimizer_step([next(stream) for _ in range(self.grad_accum)])
-            self.step += 1
             record["tok_per_s"] = record["tokens"] / (time.perf_counter() - start)
             self._add_device_stats(record)
-            self.metrics.log({"step": self.step, **record})
-            if self.bad_steps_in_row >= c.train.max_bad_steps:
+            self.metrics.log({"step": state.step, **record})
+            if state.bad_steps_in_row >= c.train.max_bad_steps:
                 raise StopTraining(
-                    f"loss was not finite for {self.bad_steps_in_row} optimizer steps in a row (last: step "
-                    f"{self.step}); stopping. Check the data and lower optim.lr."
+                    f"loss was not finite for {state.bad_steps_in_row} optimizer steps in a row (last: step "
+                    f"{state.step}); stopping. Check the data and lower optim.lr."
                 )
-            if self.eval_data is not None and c.eval.every_n_steps and self.step % c.eval.every_n_steps == 0:
+            if self.eval_data is not None and c.eval.every_n_steps and state.step % c.eval.every_n_steps == 0:
                 self.evaluate()
             stop = self._stop_requested()
-            if stop or self.step == self.total_steps or self.step % c.checkpoint.every_n_steps == 0:
+            if stop or state.step == self.total_steps or state.step % c.checkpoint.every_n_steps == 0:
                 self.save()
             if stop:
-                self._log(f"stopped by signal {self._stop_signal} after step {self.step}; checkpoint saved")
-                return
-        if self.eval_data is not None and (not c.eval.every_n_steps or self.step % c.eval.every_n_steps):
+                self._log(f"stopped by signal {self._stop_signal} after step {state.step}; checkpoint saved")
+                return False
+        if self.eval_data is not None and (not c.eval.every_n_steps or state.step % c.eval.every_n_steps):
             self.evaluate()  # the final evaluation, unless the last step just had one
-        if c.export_at_end and self.is_main:
-            from ouro_train.export import export_run
-
-            export_run(self.output_dir, self.output_dir / "export", mode="merge" if c.lora.enabled else "full")
-        dist.barrier()
+        return True
 
     def _optimizer_step(self, micro_batches: list[dict]) -> dict:
         local = self._all_reduce(torch.tensor([sum(mb["num_supervised_tokens"] for mb in micro_batches),
@@ -281,9 +239,7 @@ class Trainer:
         totals = self._all_reduce(torch.stack([sums[k] for k in names]))
         record = {k: v / supervised for k, v in zip(names, totals.tolist())}
         finite = math.isfinite(record["loss"])
-        self.bad_steps_in_row = 0 if finite else self.bad_steps_in_row + 1
-        self.bad_steps_total += 0 if finite else 1
-        self.tokens_seen += int(tokens)
+        self.state.record_step(int(tokens), finite)
         grad_norm = self.engine.get_global_grad_norm()
         return {
             **record,
@@ -291,8 +247,8 @@ class Trainer:
             "grad_norm": None if grad_norm is None else float(grad_norm),
             "tokens": int(tokens),
             "supervised_tokens": int(supervised),
-            "tokens_seen": self.tokens_seen,
-            "bad_steps": self.bad_steps_total,
+            "tokens_seen": self.state.tokens_seen,
+            "bad_steps": self.state.bad_steps_total,
             "step_applied": finite and bool(self.engine.was_step_applied()),
         }
 
@@ -332,8 +288,10 @@ class Trainer:
         if self.device.type != "cuda":
             return
         record["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        flops = training_flops_per_token(self._model_config(), self.cfg.data.max_seq_len)
-        record["mfu"] = record["tok_per_s"] / self.world * flops / H100_BF16_PEAK_FLOPS
+        mfu = model_flops_utilization(record["tok_per_s"] / self.world, self._model_config(), self.cfg.data.max_seq_len,
+                                      torch.cuda.get_device_name(self.device))
+        if mfu is not None:  # an unknown device gets no MFU (said once at start)
+            record["mfu"] = mfu
 
     # ----------------------------------------------------------------------------------- eval / save
     def evaluate(self) -> dict:
@@ -345,9 +303,9 @@ class Trainer:
                                   world_size=self.world, shuffle=False)
         batches = itertools.islice(loader, self.cfg.eval.max_batches) if self.cfg.eval.max_batches else loader
         result = evaluate_loss_per_step(self.engine.module, batches, sorted(set(ut_steps) | {steps}),
-                                        sum_across_ranks=True, chunk_tokens=self.cfg.objective.loss_chunk_tokens)
+                                        chunk_tokens=self.cfg.objective.loss_chunk_tokens, all_reduce=dist.all_reduce)
         by_step = {row["ut_steps"]: row for row in result["per_step"]}
-        record = {"split": "eval", "step": self.step, "eval_loss": by_step[steps]["loss"],
+        record = {"split": "eval", "step": self.state.step, "eval_loss": by_step[steps]["loss"],
                   "eval_ppl": by_step[steps]["ppl"], "eval_exit_mean_step": by_step[steps]["exit_mean_step"],
                   "eval_exit_entropy": by_step[steps]["exit_entropy"], "eval_tokens": result["tokens"]}
         record.update({f"eval_loss_step{t}": by_step[t]["loss"] for t in ut_steps})
@@ -359,11 +317,6 @@ class Trainer:
         return (module.get_base_model() if self.cfg.lora.enabled else module).config
 
     def save(self) -> Path:
-        trainer_state = {
-            "step": self.step, "tokens_seen": self.tokens_seen, "bad_steps_total": self.bad_steps_total,
-            "world_size": self.world, "total_steps": self.total_steps,
-            "config": to_plain_dict(self.cfg),
-        }
-        return checkpoint.save(self.engine, self.output_dir, self.step, {"loader": self.loader.state_dict()},
-                               trainer_state, keep_last=self.cfg.checkpoint.keep_last)
+        metadata = {"world_size": self.world, "total_steps": self.total_steps, "config": to_plain_dict(self.cfg)}
+        return checkpoint.save(self.engine, self.run_dir, self.state, metadata, keep_last=self.cfg.checkpoint.keep_last)
 

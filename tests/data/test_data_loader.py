@@ -101,8 +101,8 @@ def test_packed_collation(prepared):
         for start in np.flatnonzero(expected_pos == 0):
             assert batch["labels"][b, start] == IGNORE_INDEX  # no target across a document boundary
         segments += [*doc_lengths.tolist(), 160 - n]
-    assert batch["cu_seqlens"].tolist() == np.concatenate([[0], np.cumsum(segments)]).tolist()
-    assert batch["cu_seqlens"].dtype == torch.int32 and batch["max_seqlen"] == max(segments)
+    assert batch["cu_seq_lens"].tolist() == np.concatenate([[0], np.cumsum(segments)]).tolist()
+    assert batch["cu_seq_lens"].dtype == torch.int32 and batch["max_seqlen"] == max(segments)
     assert batch["num_supervised_tokens"] == int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) > 0
     assert batch["num_tokens"] == real
 
@@ -114,7 +114,7 @@ def test_collate_positions_padding_and_counts():
     assert packed["input_ids"].tolist() == [[1, 5, 6, 2, 1, 7, 2, 0, 0, 0]]
     assert packed["labels"].tolist() == [[-100, -100, 6, 2, -100, 7, 2, -100, -100, -100]]
     assert packed["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2, 0, 1, 2]]
-    assert packed["cu_seqlens"].tolist() == [0, 4, 7, 10] and packed["max_seqlen"] == 4
+    assert packed["cu_seq_lens"].tolist() == [0, 4, 7, 10] and packed["max_seqlen"] == 4
     assert packed["num_supervised_tokens"] == 4 and packed["num_tokens"] == 7
 
     short = (np.array([1, 9, 2]), np.array([0, 1, 1], dtype=bool), np.array([3]))
@@ -122,7 +122,7 @@ def test_collate_positions_padding_and_counts():
     assert padded["input_ids"].shape == (2, 8)
     assert padded["attention_mask"].tolist() == [[1] * 4 + [0] * 4, [1] * 3 + [0] * 5]
     assert padded["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2, 3], [0, 1, 2, 0, 1, 2, 3, 4]]
-    assert padded["cu_seqlens"].tolist() == [0, 4, 8, 11, 16]
+    assert padded["cu_seq_lens"].tolist() == [0, 4, 8, 11, 16]
     assert padded["num_supervised_tokens"] == 4
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from train_helpers import ENV, metrics, run_train, train_command
 from conftest import REPO_ROOT
-from ouro_train.train import checkpoint
+from ouro_train.run_dir import COMPLETE, RunDir
 
 
 @pytest.fixture(scope="module")
@@ -30,14 +30,14 @@ def test_resume_after_kill_reproduces_the_trajectory_bit_for_bit(tmp_path, cache
     run_dir = tmp_path / "killed"
     proc = subprocess.Popen(train_command(*base(run_dir, cache, *args)), env=ENV, cwd=REPO_ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = checkpoint.checkpoints_root(run_dir) / checkpoint.tag(4) / checkpoint.COMPLETE
+    marker = RunDir(run_dir).checkpoint(4) / COMPLETE
     deadline = time.time() + 240
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert marker.exists(), "the run never completed its step-4 checkpoint"
-    assert not (checkpoint.checkpoints_root(run_dir) / checkpoint.tag(8) / checkpoint.COMPLETE).exists()
+    assert not (RunDir(run_dir).checkpoint(8) / COMPLETE).exists()
 
     run_train(*base(run_dir, cache, *args))  # the same command resumes from step 4
     resumed = metrics(run_dir)
@@ -56,7 +56,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, cache):
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, output[-3000:]
-    saved = checkpoint.complete_checkpoints(tmp_path)
+    saved = RunDir(tmp_path).complete_checkpoints()
     assert len(saved) == 1
     assert int(saved[0].name.split("-")[1]) == max(metrics(tmp_path))
     assert "checkpoint saved" in output
@@ -99,14 +99,24 @@ def test_compute_plan_of_the_thinking_recipe(tmp_path):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("model.checkpointing=blocks", "model.checkpointing='blocks'"),
         ("model.init=pretrained", "model.path=None is not a checkpoint directory"),
-        ("train.global_batch_size=3", "not a multiple of micro_batch_size"),
-        ("objective.name=expected_logit", "objective.name='expected_logit'"),
-        ("deepspeed.offload_params=true", "offload_params needs zero_stage 3"),
+        ("train.global_batch_size=3", "not a multiple of train.micro_batch_size"),
+        ("deepspeed.offload_params=true", "deepspeed.offload_params: needs zero_stage 3"),
+        ("optim.lr=0", "optim.lr: must be > 0, got 0.0"),
     ],
 )
 def test_bad_settings_fail_before_any_work(tmp_path, override, message):
     proc = run_train(f"output_dir={tmp_path}", f"data.cache_dir={tmp_path / 'cache'}", override, check=False)
     assert proc.returncode == 1 and message in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "cache").exists()  # failed before touching the data
+
+
+def test_the_plan_refuses_a_batch_the_trainer_refuses():
+    """One batch geometry for both: 6 sequences cannot split into micro-batches of 2 on 2 GPUs."""
+    from ouro_train.train.plan import compute_plan
+    from train_helpers import compose_run
+
+    with pytest.raises(ValueError, match="not a multiple of train.micro_batch_size × world size = 2 × 2"):
+        compute_plan(compose_run("train.global_batch_size=6", "plan.gpus=2"))
+    plan = compute_plan(compose_run("train.global_batch_size=8", "plan.gpus=2"))
+    assert plan["sequences_per_step"] == 8

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from train_helpers import compose_run, metrics, run_train
+from ouro_train.run_dir import RunDir, module_states_file
 from ouro_train.train import checkpoint
 from ouro_train.train.trainer import StopTraining, Trainer
 
@@ -25,7 +26,7 @@ def make(tmp_path, cache, *overrides, cls=Trainer):
 
 
 def module_state(run_dir, step):
-    path = checkpoint.checkpoints_root(run_dir) / checkpoint.tag(step) / "mp_rank_00_model_states.pt"
+    path = module_states_file(RunDir(run_dir).checkpoint(step))
     return torch.load(path, weights_only=False)["module"]
 
 
@@ -63,8 +64,15 @@ def test_one_step_is_independent_of_how_the_batch_is_split(tmp_path, cache):
 class NaNForTwoSteps(Trainer):
     def _forward(self, mb):
         obj = super()._forward(mb)
-        if self.step < 2:
+        if self.state.step < 2:
             obj.loss_sum = obj.loss_sum * float("nan")
+        return obj
+
+
+class NaNAlways(Trainer):
+    def _forward(self, mb):
+        obj = super()._forward(mb)
+        obj.loss_sum = obj.loss_sum * float("nan")
         return obj
 
 
@@ -89,6 +97,17 @@ def test_consecutive_non_finite_steps_stop_the_run(tmp_path, cache):
     trainer = make(tmp_path, cache, "max_steps=5", "train.max_bad_steps=2", cls=NaNForTwoSteps)
     with pytest.raises(StopTraining, match="not finite for 2 optimizer steps in a row"):
         trainer.train()
+
+
+def test_the_in_a_row_counter_survives_a_resume(tmp_path, cache):
+    """Two bad steps, a checkpoint, a resume and one more bad step are three in a row."""
+    make(tmp_path, cache, "max_steps=2", "checkpoint.every_n_steps=1", cls=NaNForTwoSteps).train()
+    state = json.loads((RunDir(tmp_path).checkpoint(2) / "trainer_state.json").read_text())
+    assert (state["bad_steps_in_row"], state["bad_steps_total"]) == (2, 2)
+    resumed = make(tmp_path, cache, "max_steps=6", "train.max_bad_steps=3", cls=NaNAlways)
+    assert (resumed.state.step, resumed.state.bad_steps_in_row) == (2, 2)
+    with pytest.raises(StopTraining, match=r"3 optimizer steps in a row \(last: step 3\)"):
+        resumed.train()
 
 
 def test_gate_objective_trains_only_the_exit_gate(tmp_path, cache):
@@ -116,16 +135,16 @@ def test_lora_trains_adapters_only_and_writes_its_config(tmp_path, cache):
 
 def test_keep_last_and_incomplete_checkpoints(tmp_path, cache):
     make(tmp_path, cache, "max_steps=4", "checkpoint.every_n_steps=1", "checkpoint.keep_last=2").train()
-    kept = checkpoint.complete_checkpoints(tmp_path)
+    kept = RunDir(tmp_path).complete_checkpoints()
     assert [p.name for p in kept] == ["step-00000003", "step-00000004"]
     # A newer directory without the COMPLETE marker (a write that was killed) is never the resume point.
-    partial = checkpoint.checkpoints_root(tmp_path) / checkpoint.tag(5)
+    partial = RunDir(tmp_path).checkpoint(5)
     partial.mkdir()
     (partial / "mp_rank_00_model_states.pt").write_bytes(b"truncated")
-    assert checkpoint.resolve_resume("auto", tmp_path) == kept[-1]
+    assert checkpoint.resolve_resume("auto", RunDir(tmp_path)) == kept[-1]
     with pytest.raises(FileNotFoundError, match="COMPLETE"):
-        checkpoint.resolve_resume(str(partial), tmp_path)
-    assert checkpoint.resolve_resume("none", tmp_path) is None
+        checkpoint.resolve_resume(str(partial), RunDir(tmp_path))
+    assert checkpoint.resolve_resume("none", RunDir(tmp_path)) is None
 
 
 def test_eval_runs_at_the_end_and_every_n_steps(tmp_path, cache):
@@ -154,7 +173,7 @@ def test_global_batch_in_tokens(tmp_path, cache):
 
 def test_resume_refuses_another_number_of_processes(tmp_path, cache):
     make(tmp_path, cache, "max_steps=1").train()
-    state_file = checkpoint.complete_checkpoints(tmp_path)[-1] / "trainer_state.json"
+    state_file = RunDir(tmp_path).complete_checkpoints()[-1] / "trainer_state.json"
     state = json.loads(state_file.read_text())
     state_file.write_text(json.dumps({**state, "world_size": 2}))
     with pytest.raises(RuntimeError, match="written by 2 processes; this run has 1"):

@@ -1,0 +1,107 @@
+"""The layout of a training run's `output_dir`: the one place that names its files, and the only module
+that knows DeepSpeed's own checkpoint file names.
+
+    output_dir/model/                      config.json (OuroConfig) + tokenizer files; LoRA runs also the
+                                           peft adapter_config.json and base_model.json ({"path": base
+                                           model directory, or null for a random init})
+    output_dir/checkpoints/step-NNNNNNNN/  DeepSpeed's checkpoint (module, optimizer and scheduler states,
+                                           ZeRO shards), one rank{r}.pt per process (data-loader position,
+                                           RNG states), trainer_state.json, and an empty COMPLETE marker
+                                           written last: a directory without it is never read
+    output_dir/metrics.jsonl               one JSON object per optimizer step or evaluation
+    output_dir/export/                     the inference export made after the last step
+
+The trainer writes through it, resume and `ouro-export` read through it.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+COMPLETE = "COMPLETE"
+TRAINER_STATE = "trainer_state.json"
+BASE_MODEL_FILE = "base_model.json"
+ADAPTER_CONFIG_FILE = "adapter_config.json"  # written by peft's LoraConfig.save_pretrained
+_TAG = re.compile(r"^step-(\d{8})$")
+
+# DeepSpeed's names inside a checkpoint directory (`engine.save_checkpoint(root, tag)`).
+_DS_MODULE_STATES = "mp_rank_00_model_states.pt"  # the whole module below ZeRO-3, rank 0's shard at 3
+_DS_OPTIM_STATES = "*_optim_states.pt"  # one per rank under ZeRO >= 1
+
+
+def checkpoint_tag(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step a checkpoint directory holds, from its name (None: not a checkpoint directory)."""
+    match = _TAG.match(path.name)
+    return int(match.group(1)) if match else None
+
+
+def is_complete(checkpoint: Path) -> bool:
+    return (checkpoint / COMPLETE).is_file()
+
+
+def rank_state_file(checkpoint: Path, rank: int) -> Path:
+    return checkpoint / f"rank{rank}.pt"
+
+
+def trainer_state_file(checkpoint: Path) -> Path:
+    return checkpoint / TRAINER_STATE
+
+
+def module_states_file(checkpoint: Path) -> Path:
+    """DeepSpeed's module states file: every parameter below ZeRO-3 (frozen ones included)."""
+    return checkpoint / _DS_MODULE_STATES
+
+
+def has_zero_shards(checkpoint: Path) -> bool:
+    """Whether DeepSpeed wrote partitioned optimizer states (ZeRO stage >= 1)."""
+    return any(checkpoint.glob(_DS_OPTIM_STATES))
+
+
+class RunDir:
+    """`output_dir` of one training run."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    @property
+    def model_dir(self) -> Path:
+        return self.root / "model"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def export_dir(self) -> Path:
+        return self.root / "export"
+
+    @property
+    def base_model_file(self) -> Path:
+        return self.model_dir / BASE_MODEL_FILE
+
+    @property
+    def adapter_config_file(self) -> Path:
+        return self.model_dir / ADAPTER_CONFIG_FILE
+
+    def checkpoint(self, step: int) -> Path:
+        return self.checkpoints_dir / checkpoint_tag(step)
+
+    def complete_checkpoints(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        if not self.checkpoints_dir.is_dir():
+            return []
+        found = [p for p in self.checkpoints_dir.iterdir() if checkpoint_step(p) is not None and is_complete(p)]
+        return sorted(found, key=checkpoint_step)
+
+    def newest_checkpoint(self) -> Path | None:
+        found = self.complete_checkpoints()
+        return found[-1] if found else None
