@@ -76,7 +76,7 @@ def extract_answer(text: str, kind: AnswerKind = AnswerKind.math) -> str | None:
     if boxed is not None:
         return boxed
     stated = _STATED.findall(region)
-    return _normalise(stated[-1]) if stated else None
+    return _strip_delimiters(_normalise(stated[-1])) if stated else None
 
 
 def is_equivalent(prediction: str, reference: str) -> bool:
