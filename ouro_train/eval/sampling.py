@@ -59,17 +59,18 @@ def group_seed(seed: int, benchmark: str, setting: Setting, first_problem: int) 
 def read_done(path: Path, samples: int) -> dict[tuple[str, str], list[dict]]:
     """Rows of complete problems in a predictions JSONL, by (benchmark, setting label, problem index):
     rewrites the file without a problem's partial rows or a line cut off by a kill."""
-    rows = []
+    rows, cut = [], False
     for line in path.read_text().splitlines() if path.exists() else []:
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
-            break  # the last line of a killed run
+            cut = True  # the last line of a killed run
+            break
     by_problem: dict = {}
     for row in rows:
         by_problem.setdefault((row["benchmark"], row["setting"], row["problem"]), []).append(row)
     done = {key: group for key, group in by_problem.items() if len(group) == samples}
-    if len(done) * samples != len(rows):
+    if cut or len(done) * samples != len(rows):
         path.write_text("".join(json.dumps(r) + "\n" for group in done.values() for r in group))
     return done
 
