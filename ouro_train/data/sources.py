@@ -10,6 +10,9 @@ that builder loses line numbers and fails a whole file on one malformed line, wh
 reported (or skipped) as `file:line`. Large files are split at line boundaries so `num_proc`
 processes share them. Parquet files and hub datasets go through `load_dataset` and are checked with
 `.map(num_proc=...)`; their rows are located by 0-based row index.
+
+`read_records` reads the same files and hub datasets as raw rows with those locations, for tables
+that are not conversations (evaluation benchmarks, prediction files).
 """
 
 from __future__ import annotations

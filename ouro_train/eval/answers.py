@@ -126,13 +126,15 @@ def _normalise(answer: str) -> str:
     return " ".join(answer.split()).rstrip(".").strip()
 
 
-# ---- the held-out chat data's answers (`ouro-eval --generate`) --------------------------------------
+# ---- problems and their accuracy ------------------------------------------------------------------
 
 
 @dataclass
-class AnswerTask:
-    prompt: list[dict]  # the conversation up to the final assistant turn
-    reference: str
+class Problem:
+    id: str
+    prompt: list[dict]  # the conversation to complete
+    reference: str  # the math answer, or the letter of the correct option
+    kind: AnswerKind = AnswerKind.math
 
 
 def final_answer(text: str) -> str | None:
@@ -140,25 +142,26 @@ def final_answer(text: str) -> str | None:
     return extract_answer(text, AnswerKind.math)
 
 
-def answer_tasks(conversations: Sequence[Sequence[dict]]) -> list[AnswerTask]:
-    """One task per conversation whose final assistant message states an answer."""
+def answer_tasks(conversations: Sequence[Sequence[dict]]) -> list[Problem]:
+    """A problem per conversation whose final assistant message states an answer: the conversation up to
+    that message, and the answer (the held-out chat data of `ouro-eval --generate` and the `chat` benchmark)."""
     tasks = []
     for messages in conversations:
         if messages[-1]["role"] != "assistant":
             continue
         reference = final_answer(messages[-1]["content"])
         if reference is not None:
-            tasks.append(AnswerTask(list(messages[:-1]), reference))
+            tasks.append(Problem(str(len(tasks)), list(messages[:-1]), reference))
     return tasks
 
 
-def score_answers(model, tokenizer, tasks: Sequence[AnswerTask], settings: GenerationSettings, batch_size: int = 8,
+def score_answers(model, tokenizer, problems: Sequence[Problem], settings: GenerationSettings, batch_size: int = 8,
                   generator: torch.Generator | None = None) -> dict:
-    """{"accuracy", "mean_steps" (recurrent steps per generated token)} over `tasks`."""
-    completions = complete_chats(model, tokenizer, [t.prompt for t in tasks], settings, batch_size, generator)
-    correct = sum(check_answer(c.text, t.reference).correct for c, t in zip(completions, tasks))
+    """{"accuracy", "mean_steps" (recurrent steps per generated token)} of one completion per problem."""
+    completions = complete_chats(model, tokenizer, [p.prompt for p in problems], settings, batch_size, generator)
+    correct = sum(check_answer(c.text, p.reference, p.kind).correct for c, p in zip(completions, problems))
     tokens = sum(c.num_tokens for c in completions)
     return {
-        "accuracy": correct / len(tasks),
+        "accuracy": correct / len(problems),
         "mean_steps": sum(c.mean_steps * c.num_tokens for c in completions) / max(tokens, 1),
     }

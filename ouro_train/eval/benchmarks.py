@@ -26,19 +26,11 @@ from typing import Any, Callable
 from ouro_train.config import SourceConfig
 from ouro_train.data.sources import read_records
 from ouro_train.data.validate import BadRow, DataError, require, require_list, require_text
-from ouro_train.eval.answers import CHOICE_LETTERS, AnswerKind, answer_tasks
+from ouro_train.eval.answers import CHOICE_LETTERS, AnswerKind, Problem, answer_tasks
 from ouro_train.eval.data import read_conversations
 
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 CHOICE_INSTRUCTION = "Please reason step by step, and put the letter of your final answer within \\boxed{}."
-
-
-@dataclass
-class Problem:
-    id: str
-    prompt: list[dict]  # the conversation to complete
-    reference: str  # the math answer, or the letter of the correct option
-    kind: AnswerKind
 
 
 @dataclass(frozen=True)
@@ -106,8 +98,7 @@ class Benchmark:
     def _chat(self, data: DataRef, max_problems: int | None) -> list[Problem]:
         if data.path is None:
             raise DataError(f"benchmark '{self.name}' reads local chat files; got the hub id {data.hf_id}")
-        tasks = answer_tasks(read_conversations(data.path))[:max_problems]
-        return [Problem(str(i), t.prompt, t.reference, self.kind) for i, t in enumerate(tasks)]
+        return answer_tasks(read_conversations(data.path))[:max_problems]
 
 
 def _first(row: dict, keys: tuple[str, ...]) -> tuple[Any, str]:

@@ -25,8 +25,7 @@ from typing import Callable, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from ouro_train.eval.answers import check_answer
-from ouro_train.eval.benchmarks import Problem
+from ouro_train.eval.answers import Problem, check_answer
 from ouro_train.generation.chat import Completion, GenerationSettings
 
 # conversations, generation settings, seed -> one completion per conversation, in order

@@ -32,7 +32,9 @@ import torch
 import torch.distributed as dist
 from ouro_train.config import ModelInit, RunConfig, to_plain_dict
 from ouro_train.data import MicroBatchLoader, load_tokenizer, prepare, split_sources
-from ouro_train.eval import evaluate_loss_per_step
+from ouro_train.eval import evaluate_loss_per_step, get_benchmark, score_answers
+from ouro_train.eval.benchmarks import DataRef
+from ouro_train.generation import GenerationSettings
 from ouro_train.model import CHECKPOINT_GRANULARITIES, OuroConfig, OuroForCausalLM
 from ouro_train.model.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from ouro_train.model.flops import H100_BF16_PEAK_FLOPS, training_flops_per_token
@@ -64,6 +66,7 @@ class Trainer:
         self.tokenizer = load_tokenizer(cfg.model, cfg.data.cache_dir)
         self.train_data = self._prepare("train")
         self.eval_data = self._prepare("eval") if split_sources(cfg.data, "eval") else None
+        self.benchmark_problems = self._benchmark_problems()
         self.loader = MicroBatchLoader(self.train_data, cfg.train.micro_batch_size, rank=self.rank,
                                        world_size=self.world, seed=cfg.data.seed)
         self.total_steps = self._total_steps()
@@ -115,6 +118,10 @@ class Trainer:
             raise ValueError(f"model.path={c.model.path!r} is not a checkpoint directory with a config.json "
                              "(model.init=pretrained needs one; model.init=random builds a new model)")
         validate_wandb(c.wandb)
+        if c.eval.benchmark is not None:
+            get_benchmark(c.eval.benchmark)
+            if c.eval.benchmark_samples < 1 or c.eval.benchmark_max_new_tokens < 1:
+                raise ValueError("eval.benchmark_samples and eval.benchmark_max_new_tokens must be >= 1")
         if c.checkpoint.every_n_steps < 1:
             raise ValueError(f"checkpoint.every_n_steps must be >= 1, got {c.checkpoint.every_n_steps}")
 
@@ -246,7 +253,7 @@ class Trainer:
                     f"loss was not finite for {self.bad_steps_in_row} optimizer steps in a row (last: step "
                     f"{self.step}); stopping. Check the data and lower optim.lr."
                 )
-            if self.eval_data is not None and c.eval.every_n_steps and self.step % c.eval.every_n_steps == 0:
+            if self._has_eval and c.eval.every_n_steps and self.step % c.eval.every_n_steps == 0:
                 self.evaluate()
             stop = self._stop_requested()
             if stop or self.step == self.total_steps or self.step % c.checkpoint.every_n_steps == 0:
@@ -254,7 +261,7 @@ class Trainer:
             if stop:
                 self._log(f"stopped by signal {self._stop_signal} after step {self.step}; checkpoint saved")
                 return
-        if self.eval_data is not None and (not c.eval.every_n_steps or self.step % c.eval.every_n_steps):
+        if self._has_eval and (not c.eval.every_n_steps or self.step % c.eval.every_n_steps):
             self.evaluate()  # the final evaluation, unless the last step just had one
         if c.export_at_end and self.is_main:
             from ouro_train.export import export_run
@@ -336,9 +343,22 @@ class Trainer:
         record["mfu"] = record["tok_per_s"] / self.world * flops / H100_BF16_PEAK_FLOPS
 
     # ----------------------------------------------------------------------------------- eval / save
+    @property
+    def _has_eval(self) -> bool:
+        return self.eval_data is not None or bool(self.benchmark_problems)
+
     def evaluate(self) -> dict:
         """Loss per recurrent step on the eval data (`ouro-eval`'s computation, summed over ranks);
-        `eval_loss` is the loss of the model's own T steps."""
+        `eval_loss` is the loss of the model's own T steps. With `eval.benchmark`, also its accuracy."""
+        record = {"split": "eval", "step": self.step}
+        if self.eval_data is not None:
+            record.update(self._eval_loss())
+        if self.benchmark_problems:
+            record.update(self._eval_benchmark())
+        self.metrics.log(record)
+        return record
+
+    def _eval_loss(self) -> dict:
         steps = self._model_config().total_ut_steps
         ut_steps = list(self.cfg.eval.ut_steps) or list(range(1, steps + 1))
         loader = MicroBatchLoader(self.eval_data, self.cfg.train.micro_batch_size, rank=self.rank,
@@ -347,12 +367,33 @@ class Trainer:
         result = evaluate_loss_per_step(self.engine.module, batches, sorted(set(ut_steps) | {steps}),
                                         sum_across_ranks=True, chunk_tokens=self.cfg.objective.loss_chunk_tokens)
         by_step = {row["ut_steps"]: row for row in result["per_step"]}
-        record = {"split": "eval", "step": self.step, "eval_loss": by_step[steps]["loss"],
+        record = {"eval_loss": by_step[steps]["loss"],
                   "eval_ppl": by_step[steps]["ppl"], "eval_exit_mean_step": by_step[steps]["exit_mean_step"],
                   "eval_exit_entropy": by_step[steps]["exit_entropy"], "eval_tokens": result["tokens"]}
         record.update({f"eval_loss_step{t}": by_step[t]["loss"] for t in ut_steps})
-        self.metrics.log(record)
         return record
+
+    # ------------------------------------------------------------------------ eval: generation benchmark
+    def _benchmark_problems(self) -> list:
+        e = self.cfg.eval
+        if e.benchmark is None:
+            return []
+        data = DataRef.parse(e.benchmark_data) if e.benchmark_data else None
+        return get_benchmark(e.benchmark).load(data, self.cfg.seed, e.benchmark_samples)
+
+    def _eval_benchmark(self) -> dict:
+        """`eval_{benchmark}_accuracy` and `_mean_steps`: one sampled completion per problem. Every rank
+        generates the same completions (same seed), so ZeRO-3's gathers line up; rank 0 logs them."""
+        e = self.cfg.eval
+        model = self.engine.module.get_base_model() if self.cfg.lora.enabled else self.engine.module
+        settings = GenerationSettings(max_new_tokens=e.benchmark_max_new_tokens, think=True)
+        generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
+        was_training = model.training
+        model.eval()
+        scores = score_answers(model, self.tokenizer, self.benchmark_problems, settings,
+                               self.cfg.train.micro_batch_size, generator)
+        model.train(was_training)
+        return {f"eval_{e.benchmark}_{key}": value for key, value in scores.items()}
 
     def _model_config(self) -> OuroConfig:
         module = self.engine.module

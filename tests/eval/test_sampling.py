@@ -6,8 +6,7 @@ from math import comb
 
 import pytest
 
-from ouro_train.eval.answers import AnswerKind
-from ouro_train.eval.benchmarks import Problem
+from ouro_train.eval.answers import AnswerKind, Problem
 from ouro_train.eval.sampling import Setting, pass_at_k, read_done, sample_benchmark, summarise
 from ouro_train.eval.score import main as score_cli
 from ouro_train.eval.score import score_file
