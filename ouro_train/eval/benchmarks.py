@@ -11,8 +11,8 @@
 
 Rows are read through the data pipeline (`data.sources.read_records`: JSON Lines, Parquet, hub ids
 with the `datasets` cache, offline too); a bad row stops with its `file:line` and field. The prompt is
-one user turn, the problem followed by `MATH_INSTRUCTION` (the wording of the public Ouro/OpenCompass
-evaluations); GPQA lists its four options, shuffled by `(seed, row)`, and asks for the letter.
+one user turn, the problem followed by `MATH_INSTRUCTION` (the wording of OpenCompass's AIME
+configuration); GPQA lists its four options, shuffled by `(seed, row)`, and asks for the letter.
 """
 
 from __future__ import annotations
