@@ -35,6 +35,7 @@ PAPER_MAX_NEW_TOKENS = 30720
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     _check(args)
+    ks = args.pass_k or sorted({1, args.samples})
     refs = [DataRef.parse(d) for d in args.data] or [None] * len(args.benchmark)
     try:
         problems = {name: get_benchmark(name).load(ref, args.seed, args.max_problems)
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
         for setting in settings:
             rows = sample_benchmark(complete, name, problems[name], setting, generation, args.samples,
                                     args.batch_size, args.seed, predictions, done)
-            summary = {**asdict(setting), **summarise(rows, args.pass_k)}
+            summary = {**asdict(setting), **summarise(rows, ks)}
             scores["per_step" if setting.threshold >= 1.0 else "per_threshold"].append(summary)
             _log(f"{name} {setting.label}: " + "  ".join(f"{k} {summary[k]:.3f}" for k in summary if k.startswith("pass@"))
                  + f"  {summary['mean_steps']:.2f} steps/token  {summary['tok_per_s']:.1f} tok/s")
@@ -87,7 +88,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, required=True, help="an exported model directory")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--samples", type=int, default=1, help="completions per problem (the paper: 10 for pass@10)")
-    p.add_argument("--pass-k", type=int_list, default=[1], help="k values reported, e.g. 1,10 (k <= --samples)")
+    p.add_argument("--pass-k", type=int_list, help="k values reported, e.g. 1,10 (default: 1 and --samples)")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0, the paper's)")
     p.add_argument("--top-p", type=float, default=0.7, help="nucleus mass (default 0.7, the paper's)")
     p.add_argument("--seed", type=int, default=0)
@@ -124,7 +125,7 @@ def _check(args) -> None:
         ("--max-problems", args.max_problems, args.max_problems is None or args.max_problems >= 1, ">= 1"),
         ("--ut-steps", args.ut_steps, all(t >= 1 for t in args.ut_steps), "positive"),
         ("--thresholds", args.thresholds, all(0 < x < 1 for x in args.thresholds), "in (0, 1)"),
-        ("--pass-k", args.pass_k, all(1 <= k <= args.samples for k in args.pass_k), f"in 1..--samples ({args.samples})"),
+        ("--pass-k", args.pass_k, all(1 <= k <= args.samples for k in args.pass_k or []), f"in 1..--samples ({args.samples})"),
     ]:
         if not ok:
             problems.append(f"{flag} must be {rule}, got {value}")

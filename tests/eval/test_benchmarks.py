@@ -157,3 +157,16 @@ def test_ouro_eval_benchmark_end_to_end(files, tmp_path, one_thread):
     eval_cli(["score", "--predictions", str(predictions), "--out", str(tmp_path / "scored")])
     scored = [json.loads(line) for line in (tmp_path / "scored" / "scores.jsonl").read_text().splitlines()]
     assert [(s["extracted"], s["correct"]) for s in scored] == [(r["extracted"], r["correct"]) for r in resumed]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--samples", "0"], r"--samples must be >= 1, got 0"),
+    (["--samples", "2", "--pass-k", "1,4"], r"--pass-k must be in 1..--samples \(2\), got \[1, 4\]"),
+    (["--top-p", "1.5"], r"--top-p must be in \(0, 1\]"),
+    (["--thresholds", "0.5,1.0"], r"--thresholds must be in \(0, 1\)"),
+    (["--data", "a.jsonl", "--data", "b.jsonl"], r"2 --data for 1 --benchmark"),
+    (["--backend", "vllm", "--thresholds", "0.5"], r"vLLM has no adaptive exit"),
+])
+def test_bad_flags_fail_before_any_work(tmp_path, flags, message):
+    with pytest.raises(SystemExit, match=message):
+        eval_cli(["--benchmark", "aime24", "--model", str(tmp_path / "no-model"), "--out", str(tmp_path), *flags])
