@@ -24,9 +24,9 @@ from typing import Sequence
 import torch
 from math_verify import parse, verify
 
+from ouro_train.data.formats import THINK_CLOSE, THINK_OPEN
 from ouro_train.generation.chat import GenerationSettings, complete_chats
 
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 CHOICE_LETTERS = "ABCD"
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _STATED = re.compile(r"answer is\s*:?\s*(.+)", re.IGNORECASE)

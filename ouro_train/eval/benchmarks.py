@@ -92,13 +92,18 @@ class Benchmark:
                     field = f"field '{bad.field}': " if bad.field else ""
                     raise DataError(f"benchmark '{self.name}' {location}: {field}{bad.detail}") from None
                 prompt = [{"role": "user", "content": question, "reasoning": None}]
-                problems.append(Problem(str(row.get("id", row.get("unique_id", index))), prompt, reference, self.kind))
+                problems.append(Problem(_row_id(row, index), prompt, reference, self.kind))
         return problems
 
     def _chat(self, data: DataRef, max_problems: int | None) -> list[Problem]:
         if data.path is None:
             raise DataError(f"benchmark '{self.name}' reads local chat files; got the hub id {data.hf_id}")
         return answer_tasks(read_conversations(data.path))[:max_problems]
+
+
+def _row_id(row: dict, index: int) -> str:
+    """The row's own id where its schema has one (MATH-500's `unique_id`, GPQA's `Record ID`), else its index."""
+    return str(next((row[k] for k in ("id", "unique_id", "Record ID") if row.get(k) is not None), index))
 
 
 def _first(row: dict, keys: tuple[str, ...]) -> tuple[Any, str]:
@@ -109,7 +114,8 @@ def _first(row: dict, keys: tuple[str, ...]) -> tuple[Any, str]:
     raise BadRow("missing_field", "missing or null", " or ".join(keys))
 
 
-def _answer_text(value: Any, field: str) -> str:
+def answer_text(value: Any, field: str) -> str:
+    """A reference answer as text: a string, or a number as written (AIME's integer answers)."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     return require_text(value, field).strip()
@@ -119,7 +125,7 @@ def _math_row(problem_keys: tuple[str, ...], answer_keys: tuple[str, ...]) -> Ro
     def read(row: dict, index: int, rng: random.Random) -> tuple[str, str]:
         problem, key = _first(row, problem_keys)
         answer, answer_key = _first(row, answer_keys)
-        return f"{require_text(problem, key).strip()}\n{MATH_INSTRUCTION}", _answer_text(answer, answer_key)
+        return f"{require_text(problem, key).strip()}\n{MATH_INSTRUCTION}", answer_text(answer, answer_key)
 
     return read
 

@@ -19,7 +19,7 @@ from ouro_train.config import SourceConfig
 from ouro_train.data.sources import read_records
 from ouro_train.data.validate import BadRow, DataError, require, require_text
 from ouro_train.eval.answers import AnswerKind, check_answer
-from ouro_train.eval.benchmarks import get_benchmark
+from ouro_train.eval.benchmarks import answer_text, get_benchmark
 
 
 def score_file(predictions: Path) -> list[dict]:
@@ -31,14 +31,12 @@ def score_file(predictions: Path) -> list[dict]:
             try:
                 kind = _kind(row)
                 completion = require_text(require(row, "completion", "completion"), "completion")
-                answer = require(row, "answer", "answer")
-                if not isinstance(answer, (int, float)) or isinstance(answer, bool):
-                    answer = require_text(answer, "answer")
+                answer = answer_text(require(row, "answer", "answer"), "answer")
             except (BadRow, DataError) as bad:
                 field = f"field '{bad.field}': " if isinstance(bad, BadRow) and bad.field else ""
                 detail = bad.detail if isinstance(bad, BadRow) else str(bad)
                 raise DataError(f"{location}: {field}{detail}") from None
-            verdict = check_answer(completion, str(answer), kind)
+            verdict = check_answer(completion, answer, kind)
             scored.append({**row, "extracted": verdict.extracted, "correct": verdict.correct})
     if not scored:
         raise DataError(f"{predictions} holds no rows")

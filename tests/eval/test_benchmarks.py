@@ -60,16 +60,21 @@ def test_each_schema_loads_into_problems(files):
 
 
 def test_gpqa_options_are_shuffled_by_seed_and_the_letter_follows_the_correct_one(files):
-    for seed in range(4):
-        for p in get_benchmark("gpqa_diamond").load(DataRef.parse(str(files["gpqa_diamond"])), seed=seed):
-            text = p.prompt[0]["content"]
-            options = dict(line[1:].split(") ", 1) for line in text.splitlines() if line[:1] == "(")
+    def load(seed):
+        return get_benchmark("gpqa_diamond").load(DataRef.parse(str(files["gpqa_diamond"])), seed=seed)
+
+    letters = {}
+    for seed in range(8):
+        problems = load(seed)
+        assert [p.id for p in problems] == ["rec0", "rec1"]
+        for p in problems:
+            options = dict(line[1:].split(") ", 1) for line in p.prompt[0]["content"].splitlines() if line[:1] == "(")
+            assert sorted(options) == ["A", "B", "C", "D"]
             assert sorted(options.values()) == ["argon", "neon", "radon", "xenon"]
             assert options[p.reference] == "argon" and p.kind is AnswerKind.choice
-    letters = {seed: [p.reference for p in get_benchmark("gpqa_diamond").load(
-        DataRef.parse(str(files["gpqa_diamond"])), seed=seed)] for seed in range(8)}
-    again = [p.reference for p in get_benchmark("gpqa_diamond").load(DataRef.parse(str(files["gpqa_diamond"])), seed=3)]
-    assert again == letters[3] and len({tuple(v) for v in letters.values()}) > 1
+        letters[seed] = [p.reference for p in problems]
+    assert [p.reference for p in load(3)] == letters[3]  # the same seed shows the same order
+    assert len({tuple(v) for v in letters.values()}) > 1  # other seeds, other orders
 
 
 @pytest.mark.parametrize("name, row, message", [
