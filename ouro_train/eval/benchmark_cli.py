@@ -21,6 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig, AutoTokenizer
 
 from ouro_train.data.validate import DataError
 from ouro_train.eval.benchmarks import BENCHMARKS, DataRef, get_benchmark
@@ -48,19 +49,18 @@ def main(argv: list[str] | None = None) -> None:
            "kv_fill": args.kv_fill, "backend": args.backend, "max_problems": args.max_problems}
     predictions = _start_run_dir(args.out, run, args.resume)
 
-    model, tokenizer = load_model(args.model, args.dtype, args.device)
-    trained = model.config.total_ut_steps
+    config, tokenizer, complete = _backend(args)
+    trained = config.total_ut_steps
     settings = [Setting(t) for t in args.ut_steps or [trained]] + [Setting(trained, x) for x in args.thresholds]
-    complete = _backend(args, model, tokenizer)
     done = read_done(predictions, args.samples)
 
     result = {"model": str(args.model), "trained_ut_steps": trained, "generation": run, "benchmarks": {}}
     for name, data in zip(args.benchmark, run["data"]):
         longest = max(len(prompt_ids(tokenizer, p.prompt, args.think)) for p in problems[name])
-        max_new = min(args.max_new_tokens, model.config.max_position_embeddings - longest)
+        max_new = min(args.max_new_tokens, config.max_position_embeddings - longest)
         if max_new < 1:
             raise SystemExit(f"ouro-eval: a {name} prompt of {longest} tokens fills the model's context "
-                             f"({model.config.max_position_embeddings})")
+                             f"({config.max_position_embeddings})")
         generation = GenerationSettings(max_new_tokens=max_new, temperature=args.temperature, top_p=args.top_p,
                                         kv_fill=args.kv_fill, think=args.think)
         scores = {"data": data, "problems": len(problems[name]), "max_new_tokens": max_new,
@@ -93,7 +93,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=0.7, help="nucleus mass (default 0.7, the paper's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-new-tokens", type=int, default=PAPER_MAX_NEW_TOKENS,
-                   help=f"per completion, capped by the context left after the prompt (default {PAPER_MAX_NEW_TOKENS})")
+                   help=f"per completion, capped by the context left after the longest prompt (default {PAPER_MAX_NEW_TOKENS})")
     p.add_argument("--ut-steps", type=int_list, default=[], help="T values, all steps per token (default: the trained T)")
     p.add_argument("--thresholds", type=float_list, default=[], help="early-exit thresholds at the trained T, e.g. 0.5,0.7,0.9")
     p.add_argument("--batch-size", type=int, default=16, help="completions generated together")
@@ -152,17 +152,20 @@ def _start_run_dir(out: Path, run: dict, resume: bool) -> Path:
     return predictions
 
 
-def _backend(args, model, tokenizer):
+def _backend(args):
+    """(model config, tokenizer, Complete) of the chosen backend; vLLM loads the weights itself."""
     if args.backend == "vllm":
         from ouro_train.eval.vllm_backend import vllm_complete
 
-        return vllm_complete(args.model, tokenizer, args.dtype)
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        return AutoConfig.from_pretrained(args.model), tokenizer, vllm_complete(args.model, tokenizer, args.dtype)
+    model, tokenizer = load_model(args.model, args.dtype, args.device)
 
     def complete(conversations, settings, seed):
         generator = torch.Generator(device=model.device).manual_seed(seed)
         return complete_chats(model, tokenizer, conversations, settings, args.batch_size, generator)
 
-    return complete
+    return model.config, tokenizer, complete
 
 
 def int_list(text: str) -> list[int]:
