@@ -55,7 +55,7 @@ def answer_region(text: str) -> str | None:
 
 
 def last_boxed(text: str) -> str | None:
-    """The content of the last `\\boxed{…}` (or `\\fbox{…}`) in `text`, braces balanced; None if none closes."""
+    """The content of the last `\\boxed{…}` (or `\\fbox{…}`) in `text` whose braces close; None if there is none."""
     for match in reversed(list(_BOXED.finditer(text))):
         depth, start = 1, match.end()
         for i in range(start, len(text)):
