@@ -110,9 +110,11 @@ def _train_and_export(run) -> None:
     """Train; after a completed run (not one a signal stopped), rank 0 writes the inference export."""
     import torch.distributed as dist
 
+    from ouro_train.eval.during_training import benchmark_evaluator
     from ouro_train.train.trainer import Trainer
 
-    trainer = Trainer(run)
+    benchmark = benchmark_evaluator(run)
+    trainer = Trainer(run, evaluators=[benchmark] if benchmark else [])
     if trainer.train() and run.export_at_end:
         if trainer.is_main:
             from ouro_train.export import export_run

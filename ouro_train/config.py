@@ -271,12 +271,20 @@ class EvalConfig:
     every_n_steps: int = 0  # 0: only at the end (when eval data is configured)
     max_batches: Optional[int] = None  # micro-batches per rank; None: the whole eval set
     ut_steps: List[int] = field(default_factory=list)  # recurrent steps scored (may exceed T); []: 1..T
+    # A small generation benchmark at every evaluation (`ouro-eval --benchmark` names, e.g. math500): pass@1
+    # of one completion (temperature 1.0, top-p 0.7) for each of its first `benchmark_samples` problems.
+    benchmark: Optional[str] = None
+    benchmark_data: Optional[str] = None  # a local file or HUB_ID[:SUBSET][@SPLIT]; None: the benchmark's default
+    benchmark_samples: int = 32
+    benchmark_max_new_tokens: int = 1024
 
     def check(self, at: str) -> None:
         _require(self.every_n_steps >= 0, f"{at}.every_n_steps", f"must be >= 0, got {self.every_n_steps}")
         _require(self.max_batches is None or self.max_batches >= 1, f"{at}.max_batches",
                  f"must be >= 1, got {self.max_batches}")
         _require(all(t >= 1 for t in self.ut_steps), f"{at}.ut_steps", f"must be >= 1, got {list(self.ut_steps)}")
+        for name in ("benchmark_samples", "benchmark_max_new_tokens"):
+            _require(getattr(self, name) >= 1, f"{at}.{name}", f"must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass

@@ -10,6 +10,9 @@ that builder loses line numbers and fails a whole file on one malformed line, wh
 reported (or skipped) as `file:line`. Large files are split at line boundaries so `num_proc`
 processes share them. Parquet files and hub datasets go through `load_dataset` and are checked with
 `.map(num_proc=...)`; their rows are located by 0-based row index.
+
+`read_records` reads the same files and hub datasets as raw rows with those locations, for tables
+that are not conversations (evaluation benchmarks, prediction files).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import glob
 import json
 from pathlib import Path
+from typing import Any, Iterator
 
 import datasets
 
@@ -63,6 +67,33 @@ def load_source(src: SourceConfig, work_dir: Path, num_proc: int = 1) -> dataset
         else:
             raise DataError(f"source '{src.name}': unsupported file type {path} (use .jsonl/.json or .parquet)")
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
+
+def read_records(src: SourceConfig, work_dir: Path) -> Iterator[tuple[str, Any]]:
+    """(location, raw row) for every row of `src`, for tables that are not conversations (benchmarks,
+    predictions): located as `file:line` for JSON Lines, `row N` for Parquet and hub datasets. A line
+    that is not valid JSON raises DataError naming it."""
+    if (src.path is None) == (src.hf_id is None):
+        raise DataError(f"source '{src.name}': set exactly one of `path` and `hf_id`")
+    if src.hf_id is not None:
+        ds = datasets.load_dataset(src.hf_id, src.hf_name, split=src.split, revision=src.revision)
+        label = src.hf_id + (f"/{src.hf_name}" if src.hf_name else "") + f"[{src.split}]"
+        yield from ((f"{label} row {i}", row) for i, row in enumerate(ds))
+        return
+    for path in local_files(src):
+        if path.suffix == ".parquet":
+            ds = datasets.load_dataset("parquet", data_files=str(path), split="train", cache_dir=str(work_dir / "hf"))
+            yield from ((f"{path} row {i}", row) for i, row in enumerate(ds))
+        elif path.suffix in (".jsonl", ".json"):
+            with open(path, "rb") as f:
+                for line, raw in enumerate(f, start=1):
+                    if raw.strip():
+                        try:
+                            yield f"{path}:{line}", _parse_line(raw)
+                        except BadRow as bad:
+                            raise DataError(bad.message(src.name, f"{path}:{line}")) from None
+        else:
+            raise DataError(f"source '{src.name}': unsupported file type {path} (use .jsonl/.json or .parquet)")
 
 
 # ---- parquet and hub datasets -------------------------------------------------------------------
@@ -145,15 +176,21 @@ def _jsonl_rows(shards: list[tuple[str, int, int, int]], src: SourceConfig, fmt:
 
 def _jsonl_row(raw: bytes, src: SourceConfig, fmt: Format, location: str) -> dict:
     try:
+        row = _parse_line(raw)
+    except BadRow as bad:
+        return _bad(bad, src, location)
+    return _check_row(row, src, fmt, location)
+
+
+def _parse_line(raw: bytes):
+    try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        return _bad(BadRow("invalid_utf8", f"invalid UTF-8 at byte {e.start} of the line"), src, location)
+        raise BadRow("invalid_utf8", f"invalid UTF-8 at byte {e.start} of the line") from None
     try:
-        row = json.loads(text.rstrip("\r\n"))
+        return json.loads(text.rstrip("\r\n"))
     except json.JSONDecodeError as e:
-        detail = f"bad JSON: {e.msg} at column {e.colno} (one JSON object per line expected)"
-        return _bad(BadRow("bad_json", detail), src, location)
-    return _check_row(row, src, fmt, location)
+        raise BadRow("bad_json", f"bad JSON: {e.msg} at column {e.colno} (one JSON object per line expected)") from None
 
 
 def _jsonl_format(path: Path, src: SourceConfig) -> Format:

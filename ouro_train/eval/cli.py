@@ -5,6 +5,10 @@
 Writes DIR/eval.json and DIR/eval.png. Per recurrent step T: loss and perplexity of the assistant
 tokens, exit-pdf mean step and entropy; with --generate, greedy final-answer accuracy and the mean
 steps used, per T (all steps run) and per early-exit threshold (at the model's trained T).
+
+Two more forms: `ouro-eval --benchmark NAME ...` samples reasoning benchmarks the paper's way
+(`ouro-eval --benchmark aime24 --help`), and `ouro-eval score --predictions FILE --out DIR` scores
+completions made elsewhere.
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from ouro_train.data.validate import DataError
+from ouro_train.eval import benchmark_cli, score
 from ouro_train.eval.answers import answer_tasks, score_answers
+from ouro_train.eval.benchmark_cli import float_list, int_list
 from ouro_train.eval.data import loss_batches, read_conversations
 from ouro_train.eval.plot import plot_eval
 from ouro_train.generation.chat import GenerationSettings, load_model, stop_token_ids
@@ -26,6 +32,11 @@ from ouro_train.model.loss import evaluate_loss_per_step
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["score"]:
+        return score.main(argv[1:])
+    if any(a == "--benchmark" or a.startswith("--benchmark=") for a in argv):
+        return benchmark_cli.main(argv)
     args = _parser().parse_args(argv)
     try:
         conversations = read_conversations(args.data, args.max_samples)
@@ -79,8 +90,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, required=True, help="an exported model directory")
     p.add_argument("--data", type=Path, required=True, help="held-out chat jsonl (messages, prompt/response, ...)")
     p.add_argument("--out", type=Path, required=True, help="directory for eval.json and eval.png")
-    p.add_argument("--ut-steps", type=_ints, help="recurrent steps to evaluate, e.g. 1,2,3,4 (default: 1..trained T)")
-    p.add_argument("--thresholds", type=_floats, default=[0.5, 0.7, 0.9, 1.0],
+    p.add_argument("--ut-steps", type=int_list, help="recurrent steps to evaluate, e.g. 1,2,3,4 (default: 1..trained T)")
+    p.add_argument("--thresholds", type=float_list, default=[0.5, 0.7, 0.9, 1.0],
                    help="early-exit thresholds for --generate (default: 0.5,0.7,0.9,1.0)")
     p.add_argument("--max-samples", type=int, help="evaluate the first N conversations")
     p.add_argument("--generate", action="store_true", help="also score final answers of greedy generations")
@@ -92,14 +103,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     return p
-
-
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
-
-
-def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
 
 
 def _log(message: str) -> None:

@@ -29,7 +29,7 @@ import math
 import signal
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -54,8 +54,11 @@ class StopTraining(RuntimeError):
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, evaluators: Sequence[Callable[[torch.nn.Module, object], dict]] = ()):
+        """`evaluators`: extra metrics of each evaluation, called as `evaluator(model, tokenizer)` on every
+        rank (e.g. `ouro-train`'s generation benchmark)."""
         self.cfg = cfg
+        self.evaluators = list(evaluators)
         self.rank, self.local_rank, self.world = init_distributed()
         self.is_main = self.rank == 0
         self.run_dir = RunDir(cfg.output_dir)
@@ -208,7 +211,7 @@ class Trainer:
                     f"loss was not finite for {state.bad_steps_in_row} optimizer steps in a row (last: step "
                     f"{state.step}); stopping. Check the data and lower optim.lr."
                 )
-            if self.eval_data is not None and c.eval.every_n_steps and state.step % c.eval.every_n_steps == 0:
+            if self._has_eval and c.eval.every_n_steps and state.step % c.eval.every_n_steps == 0:
                 self.evaluate()
             stop = self._stop_requested()
             if stop or state.step == self.total_steps or state.step % c.checkpoint.every_n_steps == 0:
@@ -216,7 +219,7 @@ class Trainer:
             if stop:
                 self._log(f"stopped by signal {self._stop_signal} after step {state.step}; checkpoint saved")
                 return False
-        if self.eval_data is not None and (not c.eval.every_n_steps or state.step % c.eval.every_n_steps):
+        if self._has_eval and (not c.eval.every_n_steps or state.step % c.eval.every_n_steps):
             self.evaluate()  # the final evaluation, unless the last step just had one
         return True
 
@@ -294,9 +297,24 @@ class Trainer:
             record["mfu"] = mfu
 
     # ----------------------------------------------------------------------------------- eval / save
+    @property
+    def _has_eval(self) -> bool:
+        return self.eval_data is not None or bool(self.evaluators)
+
     def evaluate(self) -> dict:
-        """Loss per recurrent step on the eval data (`ouro-eval`'s computation, summed over ranks);
-        `eval_loss` is the loss of the model's own T steps."""
+        """Loss per recurrent step on the eval data (`model.loss`'s computation, summed over ranks) and
+        the evaluators' metrics; `eval_loss` is the loss of the model's own T steps."""
+        record = {"split": "eval", "step": self.state.step}
+        if self.eval_data is not None:
+            record.update(self._eval_loss())
+        module = self.engine.module
+        model = module.get_base_model() if self.cfg.lora.enabled else module
+        for evaluator in self.evaluators:
+            record.update(evaluator(model, self.tokenizer))
+        self.metrics.log(record)
+        return record
+
+    def _eval_loss(self) -> dict:
         steps = self._model_config().total_ut_steps
         ut_steps = list(self.cfg.eval.ut_steps) or list(range(1, steps + 1))
         loader = MicroBatchLoader(self.eval_data, self.cfg.train.micro_batch_size, rank=self.rank,
@@ -305,11 +323,10 @@ class Trainer:
         result = evaluate_loss_per_step(self.engine.module, batches, sorted(set(ut_steps) | {steps}),
                                         chunk_tokens=self.cfg.objective.loss_chunk_tokens, all_reduce=dist.all_reduce)
         by_step = {row["ut_steps"]: row for row in result["per_step"]}
-        record = {"split": "eval", "step": self.state.step, "eval_loss": by_step[steps]["loss"],
-                  "eval_ppl": by_step[steps]["ppl"], "eval_exit_mean_step": by_step[steps]["exit_mean_step"],
+        record = {"eval_loss": by_step[steps]["loss"], "eval_ppl": by_step[steps]["ppl"],
+                  "eval_exit_mean_step": by_step[steps]["exit_mean_step"],
                   "eval_exit_entropy": by_step[steps]["exit_entropy"], "eval_tokens": result["tokens"]}
         record.update({f"eval_loss_step{t}": by_step[t]["loss"] for t in ut_steps})
-        self.metrics.log(record)
         return record
 
     def _model_config(self) -> OuroConfig:
