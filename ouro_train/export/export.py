@@ -26,7 +26,14 @@ from ouro_train.export.checkpoints import (
     check_complete,
     consolidated_state_dict,
 )
-from ouro_train.export.hf_dir import DEFAULT_MAX_SHARD_SIZE, torch_dtype, write_config, write_tokenizer, write_weights
+from ouro_train.export.hf_dir import (
+    DEFAULT_MAX_SHARD_SIZE,
+    set_file_modes,
+    torch_dtype,
+    write_config,
+    write_tokenizer,
+    write_weights,
+)
 from ouro_train.model import OuroConfig, OuroForCausalLM
 
 MODES = ("full", "merge", "adapter_only")
@@ -143,6 +150,8 @@ def _assign(model, state: dict[str, torch.Tensor], source: str) -> None:
         raise ExportError(f"{source} does not match the model's config: missing {missing[:3]}, "
                           f"unexpected {unexpected[:3]} ({len(missing)} and {len(unexpected)} in all)")
     model.load_state_dict(state, strict=True, assign=True)
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    base.tie_weights()  # assigning replaced the shared head with a copy
 
 
 @torch.no_grad()
@@ -160,10 +169,11 @@ def _write(model, mode: str, out_dir: Path, tokenizer, dtype: str, max_shard_siz
         else:
             merged = model.merge_and_unload() if mode == "merge" else model
             weights = {k: v.to(target_dtype) for k, v in merged.state_dict().items()}
-            write_weights(staging, weights, max_shard_size)
             config = merged.config
+            write_weights(staging, weights, config, max_shard_size)
             write_config(staging, config, target_dtype, Path(remote_code_dir) if remote_code_dir else None)
         write_tokenizer(staging, tokenizer, config.vocab_size)
+        set_file_modes(staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

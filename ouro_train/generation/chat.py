@@ -19,13 +19,15 @@ from ouro_train.generation.early_exit import generate_early_exit
 
 IM_END, END_OF_TEXT, THINK_OPEN = "<|im_end|>", "<|endoftext|>", "<think>\n"
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+# The model card's sampling: what an export's generation_config.json carries and ouro-generate falls back to.
+CARD_SAMPLING = {"do_sample": True, "temperature": 1.0, "top_p": 0.7}
 
 
 @dataclass
 class GenerationSettings:
     max_new_tokens: int = 512
-    temperature: float = 1.0  # the model card's sampling; 0 = greedy
-    top_p: float = 0.7
+    temperature: float = CARD_SAMPLING["temperature"]  # 0 = greedy
+    top_p: float = CARD_SAMPLING["top_p"]
     exit_threshold: float | None = None  # None: the model's config.early_exit_threshold
     ut_steps: int | None = None  # recurrent steps T; None: the model's config.total_ut_steps
     kv_fill: str = "copy"  # KV of the steps an early-exited token skips: "copy" | "average"
