@@ -8,6 +8,7 @@ themselves: `think=True` appends `<think>\\n` after the `<|im_start|>assistant\\
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -53,6 +54,15 @@ def load_model(model_dir: str | Path, dtype: str = "auto", device: str | None = 
     if tokenizer.chat_template is None:
         raise ValueError(f"the tokenizer in {model_dir} has no chat template")
     return model, tokenizer
+
+
+def sampling_defaults(model_dir: str | Path) -> dict:
+    """`temperature` and `top_p` from the model's generation_config.json (`do_sample: false` is greedy,
+    temperature 0); a key the file does not set is the model card's."""
+    path = Path(model_dir) / "generation_config.json"
+    written = json.loads(path.read_text()) if path.is_file() else {}
+    sampling = {key: written.get(key, card) for key, card in CARD_SAMPLING.items()}
+    return {"temperature": sampling["temperature"] if sampling["do_sample"] else 0.0, "top_p": sampling["top_p"]}
 
 
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
