@@ -13,10 +13,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from conftest import assert_instances_agree, shared_path, tiny_model
 from ouro_train.data import project_tokenizer
 from ouro_train.export import export_model
+from tf4_probe import MESSAGES
 
 VOCAB = 49152
-MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 12 × 7? <think>"},
-            {"role": "assistant", "content": "84"}, {"role": "user", "content": "And 2+2?"}]
 
 
 @pytest.fixture(scope="module")
