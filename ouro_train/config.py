@@ -154,6 +154,15 @@ class ComputePlanConfig:
 
 
 @dataclass
+class ExportConfig:
+    """The export the run writes to output_dir/export at the end (export_at_end)."""
+
+    # A downloaded upstream Ouro checkpoint (e.g. ByteDance/Ouro-1.4B): its configuration_ouro.py and
+    # modeling_ouro.py are copied and auto_map points at them, as vLLM and upstream's loaders need.
+    remote_code: Optional[str] = None
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -171,6 +180,7 @@ class RunConfig:
     max_steps: Optional[int] = None  # optimizer steps; None: train.epochs over the data
     resume: str = "auto"  # auto (newest complete checkpoint in output_dir) | none | a checkpoint directory
     export_at_end: bool = True  # an inference export in output_dir/export after the last step
+    export: ExportConfig = field(default_factory=ExportConfig)
     dry_run: bool = False  # print the compute plan and exit
 
 

@@ -66,6 +66,13 @@ def write_weights(out_dir: Path, state_dict: dict[str, torch.Tensor], config: Ou
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
+def check_remote_code(remote_code_dir: Path, option: str) -> None:
+    for name in REMOTE_CODE_FILES:
+        if not (remote_code_dir / name).is_file():
+            needed = " and ".join(REMOTE_CODE_FILES)
+            raise ExportError(f"{remote_code_dir / name} not found: {option} needs upstream's {needed}")
+
+
 def write_config(out_dir: Path, config: OuroConfig, dtype: torch.dtype, remote_code_dir: Path | None) -> None:
     config = copy.deepcopy(config)
     config.architectures = ["OuroForCausalLM"]
@@ -73,12 +80,9 @@ def write_config(out_dir: Path, config: OuroConfig, dtype: torch.dtype, remote_c
     if hasattr(config, "auto_map"):  # only valid beside the remote-code files it names
         del config.auto_map
     if remote_code_dir is not None:
+        check_remote_code(remote_code_dir, "--remote-code")
         for name in REMOTE_CODE_FILES:
-            source = remote_code_dir / name
-            if not source.is_file():
-                needed = " and ".join(REMOTE_CODE_FILES)
-                raise ExportError(f"{source} not found: --remote-code needs upstream's {needed}")
-            shutil.copyfile(source, out_dir / name)
+            shutil.copyfile(remote_code_dir / name, out_dir / name)
         config.auto_map = dict(AUTO_MAP)
     config.save_pretrained(out_dir)
 

@@ -37,8 +37,15 @@ from ouro_train.model import CHECKPOINT_GRANULARITIES, OuroConfig, OuroForCausal
 from ouro_train.model.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from ouro_train.model.flops import H100_BF16_PEAK_FLOPS, training_flops_per_token
 from ouro_train.train import checkpoint
-from ouro_train.train.engine import bf16_enabled, build_ds_config, init_distributed, param_groups, scheduler_factory
-from ouro_train.train.lora import apply_lora, count_parameters
+from ouro_train.train.engine import (
+    bf16_enabled,
+    build_ds_config,
+    init_distributed,
+    loraplus_param_groups,
+    param_groups,
+    scheduler_factory,
+)
+from ouro_train.train.lora import apply_lora, count_parameters, peft_config
 from ouro_train.train.metrics import MetricsLogger, validate_wandb
 from ouro_train.train.objectives import compute_objective, validate_objective
 
@@ -107,6 +114,10 @@ class Trainer:
         validate_objective(c.objective)
         if c.objective.name == "gate" and c.lora.enabled:
             raise ValueError("objective.name=gate trains the exit gate alone; it cannot be combined with lora")
+        if c.lora.enabled:
+            peft_config(c.lora)
+        elif c.lora.loraplus_lr_ratio is not None:
+            raise ValueError("lora.loraplus_lr_ratio needs lora.enabled=true")
         if c.model.checkpointing not in CHECKPOINT_GRANULARITIES:
             raise ValueError(f"model.checkpointing={c.model.checkpointing!r} not in {CHECKPOINT_GRANULARITIES}")
         if c.model.attn_implementation not in ATTENTION_IMPLEMENTATIONS:
@@ -115,6 +126,10 @@ class Trainer:
             raise ValueError(f"model.path={c.model.path!r} is not a checkpoint directory with a config.json "
                              "(model.init=pretrained needs one; model.init=random builds a new model)")
         validate_wandb(c.wandb)
+        if c.export_at_end and c.export.remote_code is not None:
+            from ouro_train.export.hf_dir import check_remote_code
+
+            check_remote_code(Path(c.export.remote_code), "export.remote_code")
         if c.checkpoint.every_n_steps < 1:
             raise ValueError(f"checkpoint.every_n_steps must be >= 1, got {c.checkpoint.every_n_steps}")
 
@@ -185,8 +200,11 @@ class Trainer:
     def _build_engine(self, model):
         import deepspeed
 
+        optim, ratio = self.cfg.optim, self.cfg.lora.loraplus_lr_ratio
+        groups = (param_groups(model, optim.weight_decay) if ratio is None
+                  else loraplus_param_groups(model, optim.weight_decay, optim.lr, ratio))
         engine, _, _, _ = deepspeed.initialize(
-            model=model, model_parameters=param_groups(model, self.cfg.optim.weight_decay), config=self._ds_config,
+            model=model, model_parameters=groups, config=self._ds_config,
             lr_scheduler=scheduler_factory(self.cfg.optim, self.total_steps),
         )
         return engine
@@ -257,9 +275,11 @@ class Trainer:
         if self.eval_data is not None and (not c.eval.every_n_steps or self.step % c.eval.every_n_steps):
             self.evaluate()  # the final evaluation, unless the last step just had one
         if c.export_at_end and self.is_main:
-            from ouro_train.export import export_run
+            from ouro_train.export import export_run, serving_note
 
-            export_run(self.output_dir, self.output_dir / "export", mode="merge" if c.lora.enabled else "full")
+            out = export_run(self.output_dir, self.output_dir / "export", mode="merge" if c.lora.enabled else "full",
+                             remote_code_dir=c.export.remote_code)
+            self._log(serving_note(self.output_dir, out, c.export.remote_code))
         dist.barrier()
 
     def _optimizer_step(self, micro_batches: list[dict]) -> dict:
