@@ -104,6 +104,8 @@ def test_compute_plan_of_the_thinking_recipe(tmp_path):
         ("train.global_batch_size=3", "not a multiple of micro_batch_size"),
         ("objective.name=expected_logit", "objective.name='expected_logit'"),
         ("deepspeed.offload_params=true", "offload_params needs zero_stage 3"),
+        ("export.remote_code=/nonexistent", "/nonexistent/configuration_ouro.py not found: export.remote_code needs"),
+        ("lora.loraplus_lr_ratio=16", "lora.loraplus_lr_ratio needs lora.enabled=true"),
     ],
 )
 def test_bad_settings_fail_before_any_work(tmp_path, override, message):
