@@ -34,6 +34,7 @@ from ouro_train.export.hf_dir import (
     write_tokenizer,
     write_weights,
 )
+from ouro_train.export.model_card import CardFacts, run_facts, write_model_card
 from ouro_train.model import OuroConfig, OuroForCausalLM
 
 MODES = ("full", "merge", "adapter_only")
@@ -61,7 +62,10 @@ def export_run(
     model = _skeleton(run.config, run.lora_config)
     state = consolidated_state_dict(checkpoint, model.state_dict().keys())
     _assign(model, state, f"checkpoint {checkpoint}")
-    _write(model, mode, out_dir, run.tokenizer(), dtype, max_shard_size, remote_code_dir, run.base_model_path)
+    facts = CardFacts(mode, dtype, run.config.total_ut_steps, remote_code_dir is not None, run.base_model_path,
+                      random_init=run.lora_config is not None and run.base_model_path is None)
+    _write(model, mode, out_dir, run.tokenizer(), dtype, max_shard_size, remote_code_dir, run.base_model_path,
+           run_facts(run.root, checkpoint, facts))
     return out_dir
 
 
@@ -115,7 +119,9 @@ def export_model(
         state[name] = tensor.detach().to("cpu", copy=True)
     rebuilt = _skeleton(base.config, lora_config)
     _assign(rebuilt, state, f"the {type(model).__name__}")
-    _write(rebuilt, mode, out_dir, tokenizer, dtype, max_shard_size, remote_code_dir, base_path)
+    facts = CardFacts(mode, dtype, base.config.total_ut_steps, remote_code_dir is not None,
+                      base_path or base.config.name_or_path or None)
+    _write(rebuilt, mode, out_dir, tokenizer, dtype, max_shard_size, remote_code_dir, base_path, facts)
     return out_dir
 
 
@@ -165,7 +171,8 @@ def _assign(model, state: dict[str, torch.Tensor], source: str) -> None:
 
 
 @torch.no_grad()
-def _write(model, mode: str, out_dir: Path, tokenizer, dtype: str, max_shard_size, remote_code_dir, base_path) -> None:
+def _write(model, mode: str, out_dir: Path, tokenizer, dtype: str, max_shard_size, remote_code_dir, base_path,
+           card: CardFacts) -> None:
     """Everything goes to a staging directory beside `out_dir`, renamed into place once complete."""
     target_dtype = torch_dtype(dtype)
     staging = out_dir.with_name(f".{out_dir.name}.partial")
@@ -183,6 +190,7 @@ def _write(model, mode: str, out_dir: Path, tokenizer, dtype: str, max_shard_siz
             write_weights(staging, weights, config, max_shard_size)
             write_config(staging, config, target_dtype, Path(remote_code_dir) if remote_code_dir else None)
         write_tokenizer(staging, tokenizer, config.vocab_size)
+        write_model_card(staging, card)
         set_file_modes(staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -1,7 +1,8 @@
 """The layout of a training run, and its checkpoints `output_dir/checkpoints/step-NNNNNNNN/`.
 
     output_dir/model/        the model's config.json and the tokenizer files; LoRA runs also the peft
-                             adapter_config.json and base_model.json ({"path": base dir, or null})
+                             adapter_config.json and base_model.json ({"path": base dir, or null});
+                             data_manifest.json, the prepared training data's counts per source
     output_dir/checkpoints/  the checkpoints below
     output_dir/metrics.jsonl the metrics
 
@@ -27,6 +28,7 @@ import torch.distributed as dist
 COMPLETE = "COMPLETE"
 MODEL_DIR = "model"
 BASE_MODEL_FILE = "base_model.json"
+DATA_MANIFEST_FILE = "data_manifest.json"  # the training split's manifest, for the export's model card
 ADAPTER_CONFIG_FILE = "adapter_config.json"  # written by peft's LoraConfig.save_pretrained
 _TAG = re.compile(r"^step-(\d{8})$")
 

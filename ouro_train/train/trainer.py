@@ -215,6 +215,7 @@ class Trainer:
         out.mkdir(parents=True, exist_ok=True)
         self._model_config().save_pretrained(out)
         self.tokenizer.save_pretrained(out)
+        (out / checkpoint.DATA_MANIFEST_FILE).write_text(json.dumps(self.train_data.manifest, indent=2) + "\n")
         if self.cfg.lora.enabled:
             self.engine.module.peft_config["default"].save_pretrained(out)
             path = self.cfg.model.path if self.cfg.model.init == ModelInit.pretrained else None

@@ -22,7 +22,6 @@ from ouro_train.data import project_tokenizer
 from ouro_train.export import export_model
 from tf4_probe import MESSAGES
 
-
 PROBE = Path(__file__).with_name("tf4_probe.py")
 
 
