@@ -91,3 +91,14 @@ def test_tokenizer_config_is_in_the_form_4x_and_5x_read(which, ouro_tokenizer, t
     assert again.all_special_tokens == tokenizer.all_special_tokens
     assert (again.eos_token, again.pad_token, again.bos_token) == (tokenizer.eos_token, tokenizer.pad_token,
                                                                    tokenizer.bos_token)
+
+
+def test_model_card_names_the_base_model_and_its_licence(ouro_tokenizer, tmp_path):
+    base = tmp_path / "base"
+    tiny_model(seed=45, vocab_size=VOCAB).save_pretrained(base)
+    (base / "README.md").write_text("---\nlibrary_name: transformers\nlicense: apache-2.0\n---\n# Base\n")
+    out = export_model(AutoModelForCausalLM.from_pretrained(base), tmp_path / "export", ouro_tokenizer)
+    card = (out / "README.md").read_text()
+    assert "\nlicense: apache-2.0\n---\n" in card and card.startswith("---\n")
+    assert f"- Base model: `{base}`" in card and "`apache-2.0` (from its model card)" in card
+    assert "bf16 weights; 3 recurrent steps" in card and "--remote-code DIR" in card
