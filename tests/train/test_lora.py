@@ -11,7 +11,7 @@ from peft.optimizers import create_loraplus_optimizer
 
 from conftest import tiny_model
 from train_helpers import compose_run
-from ouro_train.train.engine import loraplus_param_groups
+from ouro_train.train.engine import loraplus_param_groups, param_groups
 from ouro_train.train.lora import ALL_LINEAR, LoraConfig, LoraInit, apply_lora, peft_config
 
 
@@ -89,3 +89,16 @@ def test_loraplus_groups_give_each_parameter_peft_loraplus_rate():
     assert all((wd == 0.1) == (p.dim() >= 2) for n, p in model.named_parameters() if p.requires_grad
                for wd in [decay[n]])
     assert {ratio * lr} == {got[id(p)] for n, p in model.named_parameters() if "lora_B" in n}
+
+
+def test_groups_decay_zero3_partitioned_matrices():
+    """Under ZeRO-3 a parameter is an empty vector between uses; its real shape is `ds_shape`."""
+    model = torch.nn.Module()
+    model.lora_B = torch.nn.Parameter(torch.empty(0))
+    model.lora_B.ds_shape = torch.Size([8, 4])
+    model.bias = torch.nn.Parameter(torch.empty(0))
+    model.bias.ds_shape = torch.Size([8])
+    assert [(len(g["params"]), g["weight_decay"]) for g in param_groups(model, 0.1)] == [(1, 0.1), (1, 0.0)]
+    groups = loraplus_param_groups(model, 0.1, lr=1.0, lr_ratio=4.0)
+    assert [(g["params"][0] is model.lora_B, g["weight_decay"], g["lr"]) for g in groups] == [(True, 0.1, 4.0),
+                                                                                             (False, 0.0, 4.0)]
