@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     for p in files:
         print(f"  {p.name}")
     if mode != "adapter_only":
-        print(serving_note(args.run, out, args.remote_code))
+        print(f"it {serving_note(args.run, out, args.remote_code)}")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -72,8 +72,8 @@ def export_run(
 def serving_note(run_dir: str | Path, out_dir: str | Path, remote_code_dir: str | Path | None) -> str:
     """Where an export of a run loads, and, without remote code, the command that makes it load everywhere."""
     if remote_code_dir is not None:
-        return f"exported to {out_dir}: loads in ouro-train, upstream's remote code and vLLM (--trust-remote-code)"
-    return (f"exported to {out_dir}: loads in ouro-train; vLLM and upstream's remote code also need upstream's "
+        return "loads in ouro-train, upstream's remote code and vLLM (--trust-remote-code)"
+    return ("loads in ouro-train; vLLM and upstream's remote code also need upstream's "
             f"configuration_ouro.py and modeling_ouro.py: ouro-export --run {run_dir} --out {out_dir} --overwrite "
             f"--remote-code DIR (DIR: a downloaded upstream checkpoint such as ByteDance/Ouro-1.4B), or train "
             f"with export.remote_code=DIR")

@@ -110,9 +110,9 @@ def _training(f: CardFacts) -> str:
         lines.append(f"Recipe `{f.recipe}`" + (f" with `{' '.join(f.overrides)}`" if f.overrides else "") + ".")
     tokens = f.trained.get("tokens_seen")
     lines.append(f"Steps trained: {f.trained['step']}" + (f", tokens: {tokens:,}" if tokens is not None else "") + ".")
-    settings = [(key, _lookup(f.settings, key)) for key in KEY_SETTINGS]
-    settings = [(k, v) for k, v in settings if v is not None and not (k.startswith("lora.") and not
-                                                                      f.settings.get("lora", {}).get("enabled"))]
+    lora = _lookup(f.settings, "lora.enabled")
+    settings = [(key, _lookup(f.settings, key)) for key in KEY_SETTINGS if lora or not key.startswith("lora.")]
+    settings = [(key, value) for key, value in settings if value is not None]
     if settings:
         lines += ["", "| setting | value |", "|---|---|", *(f"| `{k}` | `{json.dumps(v)}` |" for k, v in settings)]
     return "\n".join(lines) + "\n"
@@ -147,7 +147,8 @@ def _how_to_load(f: CardFacts) -> str:
     if f.mode == "adapter_only":
         return ("## How to load\n\n```python\nimport ouro_train  # registers the Ouro model with transformers\n"
                 "from peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n\n"
-                "model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), \"path/to/this\")\n```\n")
+                f"base = AutoModelForCausalLM.from_pretrained({json.dumps(str(f.base_model))})\n"
+                "model = PeftModel.from_pretrained(base, \"path/to/this\")\n```\n")
     upstream = ("`AutoModelForCausalLM.from_pretrained(\"path/to/this\", trust_remote_code=True)` with transformers "
                 "4.56; vLLM: `vllm serve path/to/this --trust-remote-code` (all recurrent steps run)"
                 if f.remote_code else

@@ -280,7 +280,7 @@ class Trainer:
 
             out = export_run(self.output_dir, self.output_dir / "export", mode="merge" if c.lora.enabled else "full",
                              remote_code_dir=c.export.remote_code)
-            self._log(serving_note(self.output_dir, out, c.export.remote_code))
+            self._log(f"exported to {out}: {serving_note(self.output_dir, out, c.export.remote_code)}")
         dist.barrier()
 
     def _optimizer_step(self, micro_batches: list[dict]) -> dict:
