@@ -124,7 +124,8 @@ def _data(f: CardFacts) -> str:
     rows = [f"| {name} | {v['domain']} | {v['spec']} | {v['kept']:,} | {v['tokens']:,} | {v['supervised_tokens']:,} |"
             for name, v in f.manifest["sources"].items()]
     return "\n".join(["## Data mix (one pass of the prepared training data)", "",
-                      "| source | domain | drawn as | examples | tokens | supervised tokens |", "|---|---|---|---|---|---|",
+                      "| source | domain | drawn as | examples | tokens | supervised tokens |",
+                      "|---|---|---|---|---|---|",
                       *rows, ""])
 
 
@@ -154,9 +155,10 @@ def _how_to_load(f: CardFacts) -> str:
                 if f.remote_code else
                 "this export has no remote code: add it with `ouro-export ... --remote-code DIR` "
                 "(a downloaded upstream checkpoint) first")
-    return ("## How to load\n\n- ouro-train: `import ouro_train`, then `AutoModelForCausalLM.from_pretrained(\"path/to/this\")`,"
-            " or `ouro-generate --model path/to/this` (sampling defaults in `generation_config.json`: temperature 1.0,"
-            f" top-p 0.7).\n- Upstream's remote code and vLLM: {upstream}.\n")
+    return ("## How to load\n\n- ouro-train: `import ouro_train`, then "
+            "`AutoModelForCausalLM.from_pretrained(\"path/to/this\")`, or `ouro-generate --model path/to/this` "
+            "(sampling defaults in `generation_config.json`: temperature 1.0, top-p 0.7).\n"
+            f"- Upstream's remote code and vLLM: {upstream}.\n")
 
 
 def _licence(f: CardFacts) -> str:

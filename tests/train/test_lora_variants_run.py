@@ -63,7 +63,8 @@ def test_dora_run_trains_resumes_and_exports_for_every_loader(tmp_path):
                     "--remote-code", str(upstream)], check=True, env=ENV, capture_output=True)
     _same_files(run / "export", by_cli)
     card = (run / "export" / "README.md").read_text()
-    assert f"- Base model: `{base}`" in card and "Steps trained: 4, tokens: " + f"{sum(straight[s]['tokens'] for s in straight):,}" in card
+    tokens = sum(record["tokens"] for record in straight.values())
+    assert f"- Base model: `{base}`" in card and f"Steps trained: 4, tokens: {tokens:,}." in card
     assert "| `lora.use_dora` | `true` |" in card and "| `lora.loraplus_lr_ratio` | `4.0` |" in card
     chat_rows = (REPO_ROOT / "data" / "samples" / "chat.jsonl").read_text().count("\n")
     assert f"| chat | general | epochs=1 | {chat_rows:,} |" in card  # every sample conversation, once
