@@ -111,13 +111,19 @@ def _train_and_export(run) -> None:
     import torch.distributed as dist
 
     from ouro_train.eval.during_training import benchmark_evaluator
+    from ouro_train.export import export_run, serving_note
+    from ouro_train.export.hf_dir import check_remote_code
     from ouro_train.train.trainer import Trainer
 
+    remote_code = run.export.remote_code if run.export_at_end else None
+    if remote_code is not None:
+        check_remote_code(Path(remote_code), "export.remote_code")  # before any work
     benchmark = benchmark_evaluator(run)
     trainer = Trainer(run, evaluators=[benchmark] if benchmark else [])
     if trainer.train() and run.export_at_end:
         if trainer.is_main:
-            from ouro_train.export import export_run
-
-            export_run(trainer.run_dir.root, trainer.run_dir.export_dir, mode="merge" if run.lora.enabled else "full")
+            layout = trainer.run_dir
+            out = export_run(layout.root, layout.export_dir, mode="merge" if run.lora.enabled else "full",
+                             remote_code_dir=remote_code)
+            print(f"exported to {out}: {serving_note(layout.root, out, remote_code)}", flush=True)
         dist.barrier()

@@ -235,6 +235,14 @@ class ObjectiveConfig:
 
 # The linear projections of an Ouro decoder layer: what LoRA adapters can target.
 OURO_LINEAR_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ALL_LINEAR = "all-linear"  # peft's name for every linear layer but the head (the exit gate is excluded)
+
+
+class LoraInit(Enum):
+    default = "default"  # A Kaiming-uniform, B zero: training starts from the base model
+    gaussian = "gaussian"  # A Gaussian (scaled by 1/r), B zero
+    pissa = "pissa"  # A, B from the top-r singular vectors of W; the base keeps the rest (W - BA)
+    olora = "olora"  # A, B from a QR decomposition of W; the base keeps the rest
 
 
 @dataclass
@@ -243,17 +251,33 @@ class LoraConfig:
     r: int = 16
     alpha: int = 32
     dropout: float = 0.05
-    target_modules: List[str] = field(default_factory=lambda: list(OURO_LINEAR_MODULES))
+    # A list of Ouro projections, or the string "all-linear" (all seven). `Any`: Hydra takes a string
+    # for no list field; `check` validates both forms.
+    target_modules: Any = field(default_factory=lambda: list(OURO_LINEAR_MODULES))
     # Whole modules trained (and saved) beside the adapters, e.g. ["early_exit_gate"] or norms
     # ["input_layernorm", "input_layernorm_2", "post_attention_layernorm", "post_attention_layernorm_2", "norm"].
     modules_to_save: List[str] = field(default_factory=list)
+    use_dora: bool = False  # DoRA: a learnt magnitude per output feature, LoRA on the direction
+    use_rslora: bool = False  # rsLoRA: scale the update by alpha / sqrt(r) instead of alpha / r
+    init: LoraInit = LoraInit.default
+    # LoRA+: the B matrices (and trained vectors, as peft's LoRA+ does) learn at optim.lr × this ratio.
+    loraplus_lr_ratio: Optional[float] = None
 
     def check(self, at: str) -> None:
         _require(self.r >= 1, f"{at}.r", f"must be >= 1, got {self.r}")
         _require(self.alpha > 0, f"{at}.alpha", f"must be > 0, got {self.alpha}")
         _require(0 <= self.dropout < 1, f"{at}.dropout", f"must be in [0, 1), got {self.dropout}")
-        unknown = sorted(set(self.target_modules) - set(OURO_LINEAR_MODULES))
-        _require(not unknown, f"{at}.target_modules", f"{unknown} are not Ouro projections; choose from {OURO_LINEAR_MODULES}")
+        targets = self.target_modules
+        if targets != ALL_LINEAR:
+            is_list = isinstance(targets, (list, tuple)) and all(isinstance(t, str) for t in targets)
+            _require(is_list, f"{at}.target_modules", f"must be {ALL_LINEAR!r} or a list of {OURO_LINEAR_MODULES}, "
+                     f"got {targets!r}")
+            unknown = sorted(set(targets) - set(OURO_LINEAR_MODULES))
+            _require(not unknown, f"{at}.target_modules",
+                     f"{unknown} are not Ouro projections; choose from {OURO_LINEAR_MODULES}")
+        ratio = self.loraplus_lr_ratio
+        _require(ratio is None or ratio > 0, f"{at}.loraplus_lr_ratio", f"must be > 0, got {ratio}")
+        _require(ratio is None or self.enabled, f"{at}.loraplus_lr_ratio", f"needs {at}.enabled=true")
 
 
 @dataclass
@@ -313,6 +337,15 @@ class ComputePlanConfig:
 
 
 @dataclass
+class ExportConfig:
+    """The export the run writes to output_dir/export at the end (export_at_end)."""
+
+    # A downloaded upstream Ouro checkpoint (e.g. ByteDance/Ouro-1.4B): its configuration_ouro.py and
+    # modeling_ouro.py are copied and auto_map points at them, as vLLM and upstream's loaders need.
+    remote_code: Optional[str] = None
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -330,6 +363,7 @@ class RunConfig:
     max_steps: Optional[int] = None  # optimizer steps; None: train.epochs over the data
     resume: str = "auto"  # auto (newest complete checkpoint in output_dir) | none | a checkpoint directory
     export_at_end: bool = True  # an inference export in output_dir/export after the last step
+    export: ExportConfig = field(default_factory=ExportConfig)
     dry_run: bool = False  # print the compute plan and exit
 
     def check(self, at: str = "") -> None:

@@ -1,8 +1,9 @@
 """The layout of a training run's `output_dir`: the one place that names its files, and the only module
 that knows DeepSpeed's own checkpoint file names.
 
-    output_dir/model/                      config.json (OuroConfig) + tokenizer files; LoRA runs also the
-                                           peft adapter_config.json and base_model.json ({"path": base
+    output_dir/model/                      config.json (OuroConfig) + tokenizer files, data_manifest.json
+                                           (the prepared training data's counts per source); LoRA runs also
+                                           the peft adapter_config.json and base_model.json ({"path": base
                                            model directory, or null for a random init})
     output_dir/checkpoints/step-NNNNNNNN/  DeepSpeed's checkpoint (module, optimizer and scheduler states,
                                            ZeRO shards), one rank{r}.pt per process (data-loader position,
@@ -10,6 +11,7 @@ that knows DeepSpeed's own checkpoint file names.
                                            written last: a directory without it is never read
     output_dir/metrics.jsonl               one JSON object per optimizer step or evaluation
     output_dir/export/                     the inference export made after the last step
+    output_dir/.hydra/                     Hydra's record of the recipe and the command-line overrides
 
 The trainer writes through it, resume and `ouro-export` read through it.
 """
@@ -22,6 +24,7 @@ from pathlib import Path
 COMPLETE = "COMPLETE"
 TRAINER_STATE = "trainer_state.json"
 BASE_MODEL_FILE = "base_model.json"
+DATA_MANIFEST_FILE = "data_manifest.json"  # the training split's manifest, for the export's model card
 ADAPTER_CONFIG_FILE = "adapter_config.json"  # written by peft's LoraConfig.save_pretrained
 _TAG = re.compile(r"^step-(\d{8})$")
 
@@ -91,6 +94,14 @@ class RunDir:
     @property
     def adapter_config_file(self) -> Path:
         return self.model_dir / ADAPTER_CONFIG_FILE
+
+    @property
+    def data_manifest_file(self) -> Path:
+        return self.model_dir / DATA_MANIFEST_FILE
+
+    @property
+    def hydra_dir(self) -> Path:
+        return self.root / ".hydra"
 
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints_dir / checkpoint_tag(step)

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from ouro_train.export.checkpoints import ExportError
-from ouro_train.export.export import export_run
+from ouro_train.export.export import export_run, serving_note
 from ouro_train.export.hf_dir import DEFAULT_MAX_SHARD_SIZE
 
 
@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"exported to {out} in {time.perf_counter() - start:.1f} s: {len(files)} files, {size / 2**20:.1f} MiB")
     for p in files:
         print(f"  {p.name}")
+    if mode != "adapter_only":
+        print(f"it {serving_note(args.run, out, args.remote_code)}")
 
 
 def _parser() -> argparse.ArgumentParser:

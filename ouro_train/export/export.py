@@ -20,7 +20,15 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from ouro_train.export.checkpoints import ExportError, TrainingRun, check_complete, consolidated_state_dict
-from ouro_train.export.hf_dir import DEFAULT_MAX_SHARD_SIZE, torch_dtype, write_config, write_tokenizer, write_weights
+from ouro_train.export.hf_dir import (
+    DEFAULT_MAX_SHARD_SIZE,
+    set_file_modes,
+    torch_dtype,
+    write_config,
+    write_tokenizer,
+    write_weights,
+)
+from ouro_train.export.model_card import CardFacts, run_facts, write_model_card
 from ouro_train.model import OuroConfig, OuroForCausalLM
 
 MODES = ("full", "merge", "adapter_only")
@@ -48,8 +56,21 @@ def export_run(
     model = _skeleton(run.config, run.lora_config)
     state = consolidated_state_dict(checkpoint, model.state_dict().keys())
     _assign(model, state, f"checkpoint {checkpoint}")
-    _write(model, mode, out_dir, run.tokenizer(), dtype, max_shard_size, remote_code_dir, run.base_model_path)
+    facts = CardFacts(mode, dtype, run.config.total_ut_steps, remote_code_dir is not None, run.base_model_path,
+                      random_init=run.lora_config is not None and run.base_model_path is None)
+    _write(model, mode, out_dir, run.tokenizer(), dtype, max_shard_size, remote_code_dir, run.base_model_path,
+           run_facts(run.root, checkpoint, facts))
     return out_dir
+
+
+def serving_note(run_dir: str | Path, out_dir: str | Path, remote_code_dir: str | Path | None) -> str:
+    """Where an export of a run loads, and, without remote code, the command that makes it load everywhere."""
+    if remote_code_dir is not None:
+        return "loads in ouro-train, upstream's remote code and vLLM (--trust-remote-code)"
+    return ("loads in ouro-train; vLLM and upstream's remote code also need upstream's "
+            f"configuration_ouro.py and modeling_ouro.py: ouro-export --run {run_dir} --out {out_dir} --overwrite "
+            f"--remote-code DIR (DIR: a downloaded upstream checkpoint such as ByteDance/Ouro-1.4B), or train "
+            f"with export.remote_code=DIR")
 
 
 def export_model(
@@ -92,7 +113,9 @@ def export_model(
         state[name] = tensor.detach().to("cpu", copy=True)
     rebuilt = _skeleton(base.config, lora_config)
     _assign(rebuilt, state, f"the {type(model).__name__}")
-    _write(rebuilt, mode, out_dir, tokenizer, dtype, max_shard_size, remote_code_dir, base_path)
+    facts = CardFacts(mode, dtype, base.config.total_ut_steps, remote_code_dir is not None,
+                      base_path or base.config.name_or_path or None)
+    _write(rebuilt, mode, out_dir, tokenizer, dtype, max_shard_size, remote_code_dir, base_path, facts)
     return out_dir
 
 
@@ -137,10 +160,13 @@ def _assign(model, state: dict[str, torch.Tensor], source: str) -> None:
         raise ExportError(f"{source} does not match the model's config: missing {missing[:3]}, "
                           f"unexpected {unexpected[:3]} ({len(missing)} and {len(unexpected)} in all)")
     model.load_state_dict(state, strict=True, assign=True)
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    base.tie_weights()  # assigning replaced the shared head with a copy
 
 
 @torch.no_grad()
-def _write(model, mode: str, out_dir: Path, tokenizer, dtype: str, max_shard_size, remote_code_dir, base_path) -> None:
+def _write(model, mode: str, out_dir: Path, tokenizer, dtype: str, max_shard_size, remote_code_dir, base_path,
+           card: CardFacts) -> None:
     """Everything goes to a staging directory beside `out_dir`, renamed into place once complete."""
     target_dtype = torch_dtype(dtype)
     staging = out_dir.with_name(f".{out_dir.name}.partial")
@@ -154,10 +180,12 @@ def _write(model, mode: str, out_dir: Path, tokenizer, dtype: str, max_shard_siz
         else:
             merged = model.merge_and_unload() if mode == "merge" else model
             weights = {k: v.to(target_dtype) for k, v in merged.state_dict().items()}
-            write_weights(staging, weights, max_shard_size)
             config = merged.config
+            write_weights(staging, weights, config, max_shard_size)
             write_config(staging, config, target_dtype, Path(remote_code_dir) if remote_code_dir else None)
         write_tokenizer(staging, tokenizer, config.vocab_size)
+        write_model_card(staging, card)
+        set_file_modes(staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -8,6 +8,7 @@ themselves: `think=True` appends `<think>\\n` after the `<|im_start|>assistant\\
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -21,13 +22,15 @@ from ouro_train.generation.early_exit import generate_early_exit
 END_OF_TEXT = "<|endoftext|>"
 THINKING_PROMPT = THINK_OPEN + "\n"  # the generation prompt of thinking mode, as the chat template writes it
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+# The model card's sampling: what an export's generation_config.json carries and ouro-generate falls back to.
+CARD_SAMPLING = {"do_sample": True, "temperature": 1.0, "top_p": 0.7}
 
 
 @dataclass
 class GenerationSettings:
     max_new_tokens: int = 512
-    temperature: float = 1.0  # the model card's sampling; 0 = greedy
-    top_p: float = 0.7
+    temperature: float = CARD_SAMPLING["temperature"]  # 0 = greedy
+    top_p: float = CARD_SAMPLING["top_p"]
     exit_threshold: float | None = None  # None: the model's config.early_exit_threshold
     ut_steps: int | None = None  # recurrent steps T; None: the model's config.total_ut_steps
     kv_fill: str = "copy"  # KV of the steps an early-exited token skips: "copy" | "average"
@@ -53,6 +56,15 @@ def load_model(model_dir: str | Path, dtype: str = "auto", device: str | None = 
     if tokenizer.chat_template is None:
         raise ValueError(f"the tokenizer in {model_dir} has no chat template")
     return model, tokenizer
+
+
+def sampling_defaults(model_dir: str | Path) -> dict:
+    """`temperature` and `top_p` from the model's generation_config.json (`do_sample: false` is greedy,
+    temperature 0); a key the file does not set is the model card's."""
+    path = Path(model_dir) / "generation_config.json"
+    written = json.loads(path.read_text()) if path.is_file() else {}
+    sampling = {key: written.get(key, card) for key, card in CARD_SAMPLING.items()}
+    return {"temperature": sampling["temperature"] if sampling["do_sample"] else 0.0, "top_p": sampling["top_p"]}
 
 
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ouro_train.generation.chat import GenerationSettings, complete_chats, load_model
+from ouro_train.generation.chat import GenerationSettings, complete_chats, load_model, sampling_defaults
 from ouro_train.generation.early_exit import KV_FILLS
 
 
@@ -34,8 +34,11 @@ def main(argv: list[str] | None = None) -> None:
     if not interactive and args.prompt is None and args.messages is None and args.input is None:
         raise SystemExit("ouro-generate: give --prompt, --messages or --input (or --interactive)")
 
+    sampling = sampling_defaults(args.model)
     settings = GenerationSettings(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens,
+        temperature=sampling["temperature"] if args.temperature is None else args.temperature,
+        top_p=sampling["top_p"] if args.top_p is None else args.top_p,
         exit_threshold=args.exit_threshold, ut_steps=args.ut_steps, kv_fill=args.kv_fill, think=args.think,
     )
     model, tokenizer = load_model(args.model, args.dtype, args.device)
@@ -86,8 +89,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-fill", choices=KV_FILLS, default="copy",
                    help="KV cache of the steps an exited token skips: its exit step's (copy) or the mean of "
                         "its computed steps' (average)")
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=0.7)
+    p.add_argument("--temperature", type=float,
+                   help="0 = greedy (default: the model's generation_config.json, else the model card's 1.0)")
+    p.add_argument("--top-p", type=float, help="default: the model's generation_config.json, else the card's 0.7")
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)

@@ -94,9 +94,28 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
-            (decay if param.dim() >= 2 else no_decay).append(param)
+            (decay if _is_matrix(param) else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
+
+
+def loraplus_param_groups(model: torch.nn.Module, weight_decay: float, lr: float, lr_ratio: float) -> list[dict]:
+    """LoRA+ as peft's `create_loraplus_optimizer` splits it: the B matrices and the trained vectors at
+    lr × lr_ratio, everything else at lr; weight decay on matrices only, as in `param_groups`. The
+    schedule scales each group's own lr, so the ratio holds throughout. The first group is at lr (the
+    rate the trainer logs)."""
+    groups = {(False, True): [], (False, False): [], (True, True): [], (True, False): []}  # (faster, decayed)
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            matrix = _is_matrix(param)
+            groups[("lora_B" in name or not matrix, matrix)].append(param)
+    return [{"params": params, "lr": lr * lr_ratio if faster else lr, "weight_decay": weight_decay if decayed else 0.0}
+            for (faster, decayed), params in groups.items() if params]
+
+
+def _is_matrix(param: torch.nn.Parameter) -> bool:
+    # A ZeRO-3 partitioned parameter is an empty vector; its real shape is `ds_shape`.
+    return len(getattr(param, "ds_shape", param.shape)) >= 2
 
 
 def init_distributed() -> tuple[int, int, int]:

@@ -42,7 +42,14 @@ from ouro_train.model.loss import evaluate_loss_per_step
 from ouro_train.run_dir import RunDir
 from ouro_train.train import checkpoint
 from ouro_train.train.batch import batch_geometry, total_steps
-from ouro_train.train.engine import bf16_enabled, build_ds_config, init_distributed, param_groups, scheduler_factory
+from ouro_train.train.engine import (
+    bf16_enabled,
+    build_ds_config,
+    init_distributed,
+    loraplus_param_groups,
+    param_groups,
+    scheduler_factory,
+)
 from ouro_train.train.lora import apply_lora, count_parameters
 from ouro_train.train.metrics import MetricsLogger
 from ouro_train.train.objectives import compute_objective
@@ -155,8 +162,11 @@ class Trainer:
     def _build_engine(self, model):
         import deepspeed
 
+        optim, ratio = self.cfg.optim, self.cfg.lora.loraplus_lr_ratio
+        groups = (param_groups(model, optim.weight_decay) if ratio is None
+                  else loraplus_param_groups(model, optim.weight_decay, optim.lr, ratio))
         engine, _, _, _ = deepspeed.initialize(
-            model=model, model_parameters=param_groups(model, self.cfg.optim.weight_decay), config=self._ds_config,
+            model=model, model_parameters=groups, config=self._ds_config,
             lr_scheduler=scheduler_factory(self.cfg.optim, self.total_steps),
         )
         return engine
@@ -167,6 +177,7 @@ class Trainer:
         out.mkdir(parents=True, exist_ok=True)
         self._model_config().save_pretrained(out)
         self.tokenizer.save_pretrained(out)
+        self.run_dir.data_manifest_file.write_text(json.dumps(self.train_data.manifest, indent=2) + "\n")
         if self.cfg.lora.enabled:
             self.engine.module.peft_config["default"].save_pretrained(out)
             path = self.cfg.model.path if self.cfg.model.init == ModelInit.pretrained else None

@@ -25,7 +25,7 @@ def test_export_files_and_reload(tokenizer, tmp_path):
     out = export_model(model, tmp_path / "export", tokenizer, dtype="fp32")
     assert {p.name for p in out.iterdir()} == {
         "model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-        "chat_template.jinja",
+        "chat_template.jinja", "README.md",
     }
     generation = GenerationConfig.from_pretrained(out)
     assert generation.eos_token_id == [2, 0] and generation.pad_token_id == 0

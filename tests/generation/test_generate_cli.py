@@ -1,6 +1,7 @@
 """`ouro-generate` and the chat layer: prompts from the chat template, batches, jsonl in/out, the chat loop."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -97,3 +98,25 @@ def test_export_loads_with_hf_generate_defaults(export_dir):
     """The generation config makes plain `generate` stop at <|im_end|>."""
     model = AutoModelForCausalLM.from_pretrained(export_dir)
     assert 2 in model.generation_config.eos_token_id
+
+
+@pytest.mark.parametrize("written, flags, expected", [
+    ({}, [], (1.0, 0.7)),  # the export's own file: the model card's sampling
+    ({"temperature": 0.6, "top_p": 0.9}, [], (0.6, 0.9)),
+    ({"do_sample": False}, [], (0.0, 0.7)),
+    ({"temperature": 0.6}, ["--temperature", "0.2", "--top-p", "0.5"], (0.2, 0.5)),
+])
+def test_sampling_defaults_come_from_generation_config(export_dir, tmp_path, monkeypatch, written, flags, expected):
+    model_dir = tmp_path / "model"
+    shutil.copytree(export_dir, model_dir)
+    config_file = model_dir / "generation_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **written}))
+    used = []
+
+    def recording_complete_chats(model, tokenizer, chats, settings, *args):
+        used.append((settings.temperature, settings.top_p))
+        return complete_chats(model, tokenizer, chats, settings, *args)
+
+    monkeypatch.setattr("ouro_train.generation.cli.complete_chats", recording_complete_chats)
+    generate_cli(["--model", str(model_dir), "--prompt", "Hi", "--max-new-tokens", "1", *flags])
+    assert used == [expected]

@@ -103,6 +103,8 @@ def test_compute_plan_of_the_thinking_recipe(tmp_path):
         ("train.global_batch_size=3", "not a multiple of train.micro_batch_size"),
         ("deepspeed.offload_params=true", "deepspeed.offload_params: needs zero_stage 3"),
         ("optim.lr=0", "optim.lr: must be > 0, got 0.0"),
+        ("export.remote_code=/nonexistent", "/nonexistent/configuration_ouro.py not found: export.remote_code needs"),
+        ("lora.loraplus_lr_ratio=16", "lora.loraplus_lr_ratio: needs lora.enabled=true"),
     ],
 )
 def test_bad_settings_fail_before_any_work(tmp_path, override, message):
