@@ -16,7 +16,7 @@ from train_helpers import ENV, metrics, run_train
 from ouro_train.data import project_tokenizer
 from ouro_train.export import export_run
 from ouro_train.model import OuroForCausalLM
-from ouro_train.train import checkpoint
+from ouro_train.run_dir import checkpoint_tag
 
 
 def _same_files(a: Path, b: Path) -> None:
@@ -51,7 +51,7 @@ def test_dora_run_trains_resumes_and_exports_for_every_loader(tmp_path):
     assert straight[4]["loss"] < straight[1]["loss"]
 
     resumed = tmp_path / "resumed"  # the same run stopped after its step-2 checkpoint
-    shutil.copytree(run, resumed, ignore=shutil.ignore_patterns(checkpoint.tag(4), "export"))
+    shutil.copytree(run, resumed, ignore=shutil.ignore_patterns(checkpoint_tag(4), "export"))
     proc = run_train(f"output_dir={resumed}", *overrides, "export_at_end=false", recipe="lora_domain")
     assert "resumed from" in proc.stdout
     again = metrics(resumed)
