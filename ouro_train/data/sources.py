@@ -173,6 +173,8 @@ def _from_generator(generator, gen_kwargs: dict, work: Path, num_proc: int) -> d
 def _read_json(path: Path, check: dict, work: Path, num_proc: int) -> datasets.Dataset:
     with open(path, "rb") as f:
         head = f.read(4096).removeprefix(BOM).lstrip()
+    if not head.strip(b"[] \t\r\n") and path.stat().st_size <= 4096:  # no row (a generator must yield one)
+        return datasets.Dataset.from_dict({name: [] for name in FEATURES}, features=FEATURES)
     if head.startswith(b"["):
         return _from_generator(_json_array_rows, {"path": str(path), "check": check}, work, 1)
     src = check["src"]
