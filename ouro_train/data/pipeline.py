@@ -25,6 +25,7 @@ from typing import Callable
 
 import datasets
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from ouro_train.config import DataConfig, SourceConfig
@@ -103,21 +104,26 @@ def scan_key(src: SourceConfig) -> str:
 
 
 def _select(src: SourceConfig, rows, where_keys: list[str]) -> tuple[Checked, np.ndarray, np.ndarray]:
-    """The source's share of a scan: (Checked, rows its `where` keeps, its bad rows)."""
-    reason = rows.data.column("reason").to_numpy(zero_copy_only=False)
-    in_source = np.ones(len(reason), dtype=bool)
+    """The source's share of a scan: (Checked, rows its `where` keeps, its bad rows). Per-row work is
+    Arrow compute over the columns plus one bool per row, so hub-sized scans stay small in memory."""
+    reason = rows.data.column("reason")
+    in_source = np.ones(len(rows), dtype=bool)
     if src.where:
-        values, inverse = np.unique(rows.data.column("where").to_numpy(zero_copy_only=False), return_inverse=True)
-        decoded = [dict(zip(where_keys, json.loads(v))) if v else None for v in values]
+        where = rows.data.column("where")
+        values = pc.unique(where).to_pylist()
+        decoded = {v: dict(zip(where_keys, json.loads(v))) if v else None for v in values}
         # a row unreadable as an object (bad JSON) has no values: it counts against every source of the scan
-        in_source = np.array([v is None or _matches(v, src.where) for v in decoded], dtype=bool)[inverse]
-        if not in_source.any() and len(reason):
-            raise DataError(f"source '{src.name}': `where` {src.where} matches none of its {len(reason):,} rows; "
-                            f"values found: {_found(decoded, src.where)}")
-    bad, good = in_source & (reason != ""), in_source & (reason == "")
-    has_reasoning = rows.data.column("has_reasoning").to_numpy(zero_copy_only=False)
-    c = Checked(src, rows, np.flatnonzero(good), Counter(reason[bad].tolist()), int((~in_source).sum()),
-                int(has_reasoning[good].sum()))
+        kept = [v for v, row in decoded.items() if row is None or _matches(row, src.where)]
+        in_source = pc.is_in(where, value_set=pa.array(kept, pa.string())).to_numpy()
+        if not in_source.any() and len(rows):
+            raise DataError(f"source '{src.name}': `where` {src.where} matches none of its {len(rows):,} rows; "
+                            f"values found: {_found(list(decoded.values()), src.where)}")
+    ok = pc.equal(reason, "").to_numpy()
+    bad, good = in_source & ~ok, in_source & ok
+    counts = pc.value_counts(pc.filter(reason, pa.array(bad))).to_pylist()
+    has_reasoning = rows.data.column("has_reasoning").to_numpy()
+    c = Checked(src, rows, np.flatnonzero(good), Counter({c["values"]: c["counts"] for c in counts}),
+                int((~in_source).sum()), int(has_reasoning[good].sum()))
     return c, in_source, bad
 
 
