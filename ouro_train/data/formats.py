@@ -5,7 +5,7 @@
 | `messages`        | `messages`: [{`role`, `content`, `reasoning`?}]                               |
 | `sharegpt`        | `conversations`: [{`from`, `value`}]                                          |
 | `prompt_response` | `prompt` (a string or a list of messages), `response`, `reasoning`?, `system`? |
-| `alpaca`          | `instruction`, `input`?, `output`, `system`?                                  |
+| `alpaca`          | `instruction`, `input`?, `output`, `system`?, `history`? ([prompt, response]s) |
 
 Every format may also have a `tools` column (below). Roles are system, user, assistant and tool;
 sharegpt's `from` also takes human, gpt, function_call (an assistant turn) and observation (a tool
@@ -61,7 +61,8 @@ DEFAULT_FIELDS = {
     Format.messages: {"messages": "messages"},
     Format.sharegpt: {"conversations": "conversations"},
     Format.prompt_response: {"prompt": "prompt", "response": "response", "reasoning": "reasoning", "system": "system"},
-    Format.alpaca: {"instruction": "instruction", "input": "input", "output": "output", "system": "system"},
+    Format.alpaca: {"instruction": "instruction", "input": "input", "output": "output", "system": "system",
+                    "history": "history"},
 }
 
 
@@ -152,8 +153,20 @@ class RowReader:
         extra = optional_text(row, f["input"], f["input"])
         prompt = f"{instruction}\n\n{extra}" if extra else instruction
         output = require(row, f["output"], f["output"])
-        messages = [self._turn("user", prompt, None, f["instruction"]), self._turn("assistant", output, None, f["output"])]
+        messages = self._history(row)
+        messages += [self._turn("user", prompt, None, f["instruction"]), self._turn("assistant", output, None, f["output"])]
         return self._with_system(row, messages), f["output"]
+
+    def _history(self, row: dict) -> list[dict]:
+        """LLaMA-Factory's alpaca `history`: earlier [prompt, response] pairs, as turns before the row's."""
+        key = self.fields["history"]
+        out = []
+        for i, pair in enumerate(require_list(row[key], key) if key is not None and row.get(key) is not None else []):
+            path = f"{key}[{i}]"
+            if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
+                raise BadRow("bad_type", "expected a [prompt, response] pair", path)
+            out += [self._turn("user", pair[0], None, f"{path}[0]"), self._turn("assistant", pair[1], None, f"{path}[1]")]
+        return out
 
     # ---- one message ----------------------------------------------------------------------------
 

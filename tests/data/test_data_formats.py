@@ -48,12 +48,15 @@ def test_llamafactory_alpaca_json_array(tmp_path):
     rows = [
         {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
         {"instruction": "Say hello.", "input": "", "output": "Hello!", "system": "Be warm."},
+        {"instruction": "And times 2?", "input": "", "output": "10", "history": [["Add 2 and 3.", "5"]]},
     ]
     path = write_json(tmp_path / "alpaca_demo.json", rows)
     assert_same_as_messages(tmp_path, path, [
         [{"role": "user", "content": "Add the numbers.\n\n2 and 3"}, {"role": "assistant", "content": "5"}],
         [{"role": "system", "content": "Be warm."}, {"role": "user", "content": "Say hello."},
          {"role": "assistant", "content": "Hello!"}],
+        [{"role": "user", "content": "Add 2 and 3."}, {"role": "assistant", "content": "5"},
+         {"role": "user", "content": "And times 2?"}, {"role": "assistant", "content": "10"}],
     ])
 
 
