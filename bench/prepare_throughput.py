@@ -95,6 +95,7 @@ def write_rows(directory: Path, rows: int, seed: int = 0) -> list[Path]:
 def run_prepare(files: list[Path], tokenizer_dir: Path, num_proc: int, work: Path) -> dict:
     """One prepare, in the calling process: timings, counts and this process's peak RSS."""
     tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
+    cpu = cpu_seconds()
     sources = [SourceConfig(name=f.stem, path=str(f)) for f in files]
     data = DataConfig(sources=sources, max_seq_len=32768, num_proc=num_proc, cache_dir=str(work / f"cache-{num_proc}"))
     start = time.perf_counter()
@@ -116,9 +117,23 @@ def run_prepare(files: list[Path], tokenizer_dir: Path, num_proc: int, work: Pat
         "examples_per_s_per_process": examples / total / num_proc,
         "tokens_per_s_per_process": tokens / total / num_proc,
         "packing_efficiency": manifest["packing_efficiency"],
+        "cpu_seconds": cpu_seconds() - cpu,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # KiB on Linux
+        **memory_now(),
         "token_arrays_gib": sum((prepared.path / f"{a}.npy").stat().st_size for a in ("tokens", "supervised")) / 2**30,
     }
+
+
+def cpu_seconds() -> float:
+    """This process's user + system CPU time: less sensitive than wall time to other work on the machine."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def memory_now() -> dict:
+    """Resident memory now, split into anonymous (heap) and file-backed (memory-mapped Arrow/npy) pages."""
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return {f"{k.lower()}_gib_at_end": int(fields[k].split()[0]) / 2**20 for k in ("RssAnon", "RssFile") if k in fields}
 
 
 def in_fresh_process(function, *args):
@@ -130,7 +145,7 @@ def in_fresh_process(function, *args):
 def run_baseline(files: list[Path], tokenizer_dir: Path, work: Path) -> dict:
     """The same rows through datasets' json loader and apply_chat_template(tokenize=True), one process."""
     tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
-    start, examples, tokens = time.perf_counter(), 0, 0
+    cpu, start, examples, tokens = cpu_seconds(), time.perf_counter(), 0, 0
     for f in files:
         rows = datasets.load_dataset("json", data_files=str(f), split="train", cache_dir=str(work / "baseline"))
         ids = rows.map(template_ids, batched=True, remove_columns=rows.column_names, fn_kwargs={"tokenizer": tokenizer},
@@ -138,7 +153,7 @@ def run_baseline(files: list[Path], tokenizer_dir: Path, work: Path) -> dict:
         examples += len(ids)
         tokens += int(sum(ids.with_format("numpy")["length"]))
     seconds = time.perf_counter() - start
-    return {"examples": examples, "tokens": tokens, "seconds_total": seconds,
+    return {"examples": examples, "tokens": tokens, "seconds_total": seconds, "cpu_seconds": cpu_seconds() - cpu,
             "examples_per_s": examples / seconds, "tokens_per_s": tokens / seconds}
 
 
@@ -185,7 +200,8 @@ def main() -> None:
         if (rows, base["num_proc"]) != (args.rows, 1):  # else the one-process run above is that measurement
             with tempfile.TemporaryDirectory(prefix="ouro-prepare-rss-") as tmp:
                 r = in_fresh_process(run_prepare, write_rows(Path(tmp), rows), args.tokenizer, 1, Path(tmp))
-        memory.append({"rows": rows, **{k: r[k] for k in ("examples", "tokens", "peak_rss_gib", "token_arrays_gib")}})
+        memory.append({"rows": rows, **{k: r.get(k) for k in ("examples", "tokens", "peak_rss_gib", "token_arrays_gib",
+                                                              "rssanon_gib_at_end", "rssfile_gib_at_end")}})
     pack_s = packing_seconds_per_doc()
 
     ex_s, tok_s = base["examples_per_s_per_process"], base["tokens_per_s_per_process"]
@@ -210,6 +226,7 @@ def main() -> None:
         "runs": runs,
         "baseline": baseline,
         "ratio_to_baseline_examples_per_s": ex_s / baseline["examples_per_s"],
+        "ratio_to_baseline_cpu": baseline["cpu_seconds"] / base["cpu_seconds"],
         "memory": memory,
         "packing_seconds_per_document": pack_s,
         "projection_thinking_mix_32_cores": projection,
@@ -224,10 +241,12 @@ def main() -> None:
     b = baseline
     print(f"baseline (load_dataset json + map apply_chat_template, 1 proc): {b['examples_per_s']:,.0f} ex/s, "
           f"{b['tokens_per_s']:,.0f} tok/s ({b['tokens'] / b['examples']:,.0f} tok/ex); "
-          f"ours / baseline: {ex_s / b['examples_per_s']:.2f}x")
+          f"ours / baseline: {ex_s / b['examples_per_s']:.2f}x by wall time, "
+          f"{b['cpu_seconds'] / base['cpu_seconds']:.2f}x by CPU time ({base['cpu_seconds']:.1f} s vs {b['cpu_seconds']:.1f} s)")
     for m in memory:
         print(f"peak RSS, one process, {m['rows']:,} rows ({m['tokens']:,} tokens): {m['peak_rss_gib']:.2f} GiB "
-              f"(token arrays written: {m['token_arrays_gib']:.2f} GiB)")
+              f"(token arrays written: {m['token_arrays_gib']:.2f} GiB; at the end {m['rssanon_gib_at_end']:.2f} GiB "
+              f"anonymous, {m['rssfile_gib_at_end']:.2f} GiB file-backed)")
     print(f"best-fit packing: {pack_s * 1e6:.1f} us per document (one process)")
     p = projection
     print(f"projected wall time, {p['examples']:,} examples on {p['processes']} cores: "
