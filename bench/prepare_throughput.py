@@ -95,13 +95,12 @@ def write_rows(directory: Path, rows: int, seed: int = 0) -> list[Path]:
 def run_prepare(files: list[Path], tokenizer_dir: Path, num_proc: int, work: Path) -> dict:
     """One prepare, in the calling process: timings, counts and this process's peak RSS."""
     tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
-    cpu = cpu_seconds()
     sources = [SourceConfig(name=f.stem, path=str(f)) for f in files]
     data = DataConfig(sources=sources, max_seq_len=32768, num_proc=num_proc, cache_dir=str(work / f"cache-{num_proc}"))
     start = time.perf_counter()
     check_sources(data, sources, work / f"check-{num_proc}")
     checked = time.perf_counter() - start
-    start = time.perf_counter()
+    cpu, start = cpu_seconds(), time.perf_counter()  # the prepare alone, as seconds_total
     prepared = prepare(data, tokenizer, log=lambda _: None)
     total = time.perf_counter() - start
     manifest = prepared.manifest
