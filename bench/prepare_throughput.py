@@ -1,13 +1,21 @@
-"""Throughput of `ouro-prepare` with the real Ouro tokenizer, and a projection for the thinking mix.
+"""Throughput and peak memory of `ouro-prepare` with the real Ouro tokenizer, against a plain baseline.
 
     python bench/prepare_throughput.py [--tokenizer ../shared/ouro-1.4b-files] [--rows 100000]
-                                       [--num-proc 1 2] [--mean-tokens 4000] [--out FILE.json]
+                                       [--num-proc 1 2] [--rss-rows 100000 400000] [--mean-tokens 4000]
+                                       [--out FILE.json]
 
 Generates `--rows` synthetic conversations (half `messages` JSON Lines with multi-turn chat, half
 `sharegpt` with a <think> block, a few hundred to a few thousand tokens each), then runs the whole
-prepare pipeline on them for each `--num-proc` (a fresh cache each time): load + validate, then
-tokenize (`.map(num_proc)`), pack and write. Reports examples/s and tokens/s per process, and best-fit
-packing time per document (single process) on lengths shaped like long reasoning data.
+prepare pipeline on them for each `--num-proc` (a fresh process and cache each time): load + validate,
+then tokenize (`.map(num_proc)`), pack and write. Reports examples/s and tokens/s per process, the
+process's peak RSS, and best-fit packing time per document (single process) on lengths shaped like
+long reasoning data.
+
+Baseline, in the same run on the same rows: `datasets.load_dataset("json")` + `.map` of
+`tokenizer.apply_chat_template(tokenize=True)` (ids only: no validation, masks, packing or cache), one
+process; the ratio printed is ours / baseline in examples/s. Peak RSS is also measured for one-process
+prepares of each `--rss-rows` size, beside the size of the token arrays they write, to show that memory
+does not grow with the corpus beyond those arrays.
 
 Projection for the full mix (8,275,000 examples) on a 32-core node: load + validate + tokenize scale
 with processes (the measured 1 -> 2 process scaling is shown); packing is one process. The real mix
@@ -19,9 +27,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import random
+import resource
 import sys
 import tempfile
 import time
@@ -34,6 +44,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per process: per-process numbers
 
+import datasets  # noqa: E402
 from transformers import PreTrainedTokenizerFast  # noqa: E402
 
 from ouro_train.config import DataConfig, SourceConfig  # noqa: E402
@@ -81,15 +92,18 @@ def write_rows(directory: Path, rows: int, seed: int = 0) -> list[Path]:
     return [chat_path, think_path]
 
 
-def run_prepare(files: list[Path], tokenizer, num_proc: int, work: Path) -> dict:
+def run_prepare(files: list[Path], tokenizer_dir: Path, num_proc: int, work: Path) -> dict:
+    """One prepare, in the calling process: timings, counts and this process's peak RSS."""
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
     sources = [SourceConfig(name=f.stem, path=str(f)) for f in files]
     data = DataConfig(sources=sources, max_seq_len=32768, num_proc=num_proc, cache_dir=str(work / f"cache-{num_proc}"))
     start = time.perf_counter()
     check_sources(data, sources, work / f"check-{num_proc}")
     checked = time.perf_counter() - start
-    start = time.perf_counter()
-    manifest = prepare(data, tokenizer, log=lambda _: None).manifest
+    cpu, start = cpu_seconds(), time.perf_counter()  # the prepare alone, as seconds_total
+    prepared = prepare(data, tokenizer, log=lambda _: None)
     total = time.perf_counter() - start
+    manifest = prepared.manifest
     examples, tokens = manifest["num_documents"], manifest["num_tokens"]
     return {
         "num_proc": num_proc,
@@ -102,7 +116,54 @@ def run_prepare(files: list[Path], tokenizer, num_proc: int, work: Path) -> dict
         "examples_per_s_per_process": examples / total / num_proc,
         "tokens_per_s_per_process": tokens / total / num_proc,
         "packing_efficiency": manifest["packing_efficiency"],
+        "cpu_seconds": cpu_seconds() - cpu,
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # KiB on Linux
+        **memory_now(),
+        "token_arrays_gib": sum((prepared.path / f"{a}.npy").stat().st_size for a in ("tokens", "supervised")) / 2**30,
     }
+
+
+def cpu_seconds() -> float:
+    """This process's user + system CPU time: less sensitive than wall time to other work on the machine."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def memory_now() -> dict:
+    """Resident memory now, split into anonymous (heap) and file-backed (memory-mapped Arrow/npy) pages."""
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return {f"{k.lower()}_gib_at_end": int(fields[k].split()[0]) / 2**20 for k in ("RssAnon", "RssFile") if k in fields}
+
+
+def in_fresh_process(function, *args):
+    """function(*args) in a new interpreter, so its peak RSS is its own."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(function, args)
+
+
+def run_baseline(files: list[Path], tokenizer_dir: Path, work: Path) -> dict:
+    """The same rows through datasets' json loader and apply_chat_template(tokenize=True), one process."""
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
+    cpu, start, examples, tokens = cpu_seconds(), time.perf_counter(), 0, 0
+    for f in files:
+        rows = datasets.load_dataset("json", data_files=str(f), split="train", cache_dir=str(work / "baseline"))
+        ids = rows.map(template_ids, batched=True, remove_columns=rows.column_names, fn_kwargs={"tokenizer": tokenizer},
+                       cache_file_name=str(work / "baseline" / f"{f.stem}.arrow"))
+        examples += len(ids)
+        tokens += int(sum(ids.with_format("numpy")["length"]))
+    seconds = time.perf_counter() - start
+    return {"examples": examples, "tokens": tokens, "seconds_total": seconds, "cpu_seconds": cpu_seconds() - cpu,
+            "examples_per_s": examples / seconds, "tokens_per_s": tokens / seconds}
+
+
+def template_ids(batch: dict, tokenizer) -> dict:
+    if "messages" in batch:
+        conversations = batch["messages"]
+    else:
+        roles = {"human": "user", "gpt": "assistant"}
+        conversations = [[{"role": roles[t["from"]], "content": t["value"]} for t in c] for c in batch["conversations"]]
+    ids = tokenizer.apply_chat_template(conversations, tokenize=True, return_dict=False)
+    return {"input_ids": ids, "length": [len(x) for x in ids]}
 
 
 def packing_seconds_per_doc(n: int = 1_000_000, seed: int = 0) -> float:
@@ -118,21 +179,30 @@ def main() -> None:
     parser.add_argument("--tokenizer", type=Path, default=REPO.parent / "shared" / "ouro-1.4b-files")
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--num-proc", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--rss-rows", type=int, nargs="*", default=[100_000, 400_000], help="corpus sizes for peak RSS")
     parser.add_argument("--mean-tokens", type=float, default=4000.0, help="assumed tokens per example of the real mix")
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "bench" / "prepare_throughput.json")
     args = parser.parse_args()
     if not (args.tokenizer / "tokenizer.json").exists():
         sys.exit(f"no tokenizer at {args.tokenizer} (pass --tokenizer DIR)")
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(args.tokenizer)
     load_before = os.getloadavg()[0]  # other work on the machine skews the numbers: recorded with them
 
     with tempfile.TemporaryDirectory(prefix="ouro-prepare-bench-") as tmp:
         work = Path(tmp)
         files = write_rows(work, args.rows)
-        runs = [run_prepare(files, tokenizer, n, work) for n in args.num_proc]
+        runs = [in_fresh_process(run_prepare, files, args.tokenizer, n, work) for n in args.num_proc]
+        baseline = in_fresh_process(run_baseline, files, args.tokenizer, work)
+    base = next((r for r in runs if r["num_proc"] == 1), runs[0])  # speed-ups and projection relative to it
+    memory = []
+    for rows in args.rss_rows:
+        r = base
+        if (rows, base["num_proc"]) != (args.rows, 1):  # else the one-process run above is that measurement
+            with tempfile.TemporaryDirectory(prefix="ouro-prepare-rss-") as tmp:
+                r = in_fresh_process(run_prepare, write_rows(Path(tmp), rows), args.tokenizer, 1, Path(tmp))
+        memory.append({"rows": rows, **{k: r.get(k) for k in ("examples", "tokens", "peak_rss_gib", "token_arrays_gib",
+                                                              "rssanon_gib_at_end", "rssfile_gib_at_end")}})
     pack_s = packing_seconds_per_doc()
 
-    base = next((r for r in runs if r["num_proc"] == 1), runs[0])  # speed-ups and projection relative to it
     ex_s, tok_s = base["examples_per_s_per_process"], base["tokens_per_s_per_process"]
     projection = {
         "examples": MIX_EXAMPLES,
@@ -153,6 +223,10 @@ def main() -> None:
         "tokenizer": str(args.tokenizer),
         "rows": args.rows,
         "runs": runs,
+        "baseline": baseline,
+        "ratio_to_baseline_examples_per_s": ex_s / baseline["examples_per_s"],
+        "ratio_to_baseline_cpu": baseline["cpu_seconds"] / base["cpu_seconds"],
+        "memory": memory,
         "packing_seconds_per_document": pack_s,
         "projection_thinking_mix_32_cores": projection,
     }
@@ -163,6 +237,15 @@ def main() -> None:
         print(f"{r['num_proc']:>5} {r['examples']:>9,} {r['mean_tokens_per_example']:>7,.0f} {r['seconds_load_validate']:>12.1f} "
               f"{r['seconds_tokenize_pack_write']:>10.1f} {r['examples_per_s_per_process']:>10,.0f} "
               f"{r['tokens_per_s_per_process']:>11,.0f} {speedup:>8.2f}")
+    b = baseline
+    print(f"baseline (load_dataset json + map apply_chat_template, 1 proc): {b['examples_per_s']:,.0f} ex/s, "
+          f"{b['tokens_per_s']:,.0f} tok/s ({b['tokens'] / b['examples']:,.0f} tok/ex); "
+          f"ours / baseline: {ex_s / b['examples_per_s']:.2f}x by wall time, "
+          f"{b['cpu_seconds'] / base['cpu_seconds']:.2f}x by CPU time ({base['cpu_seconds']:.1f} s vs {b['cpu_seconds']:.1f} s)")
+    for m in memory:
+        print(f"peak RSS, one process, {m['rows']:,} rows ({m['tokens']:,} tokens): {m['peak_rss_gib']:.2f} GiB "
+              f"(token arrays written: {m['token_arrays_gib']:.2f} GiB; at the end {m['rssanon_gib_at_end']:.2f} GiB "
+              f"anonymous, {m['rssfile_gib_at_end']:.2f} GiB file-backed)")
     print(f"best-fit packing: {pack_s * 1e6:.1f} us per document (one process)")
     p = projection
     print(f"projected wall time, {p['examples']:,} examples on {p['processes']} cores: "

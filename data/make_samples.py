@@ -196,7 +196,7 @@ TOPICS = [
     ("How do I politely decline a meeting?", "Thank them, say you cannot attend, and offer an alternative such as reading the notes or meeting another time.",
      "Can you write a short example?", "Thanks for the invite! I can't make it on Thursday, but I'd be glad to read the notes or meet next week."),
     ("What does <|im_end|> mean in a chat transcript?", "It is a special marker some chat formats use to end a message; in normal text it is just characters.",
-     "And <think>?", "Some models wrap their reasoning in <think> and </think>; written in a message, they are plain text."),
+     "And <think>?", "Some models open their reasoning with that tag; typed in a message, it is plain text."),
 ]
 
 

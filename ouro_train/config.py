@@ -57,7 +57,7 @@ class Format(Enum):
 
 class OnBadRow(Enum):
     error = "error"  # stop, naming the first bad row (source, file:line or row, field)
-    skip = "skip"  # drop bad rows, counted by reason in the manifest
+    skip = "skip"  # drop bad rows (counted by reason, logged in bad_rows.jsonl) within data.max_bad_fraction
 
 
 class Overlong(Enum):
@@ -111,15 +111,27 @@ class SourceConfig:
     domain: str = "general"
     format: Format = Format.auto
     path: Optional[str] = None  # a local .jsonl/.json/.parquet file or a glob of them
-    hf_id: Optional[str] = None  # a hub dataset id, loaded with load_dataset(hf_id, hf_name, split=split)
+    # A hub dataset id (or a `datasets` builder such as json/parquet), loaded with
+    # load_dataset(hf_id, hf_name, split=split, data_files=data_files, revision=revision, streaming=streaming).
+    hf_id: Optional[str] = None
     hf_name: Optional[str] = None
     split: str = "train"
-    revision: Optional[str] = None
-    # Keep only rows whose columns equal these values (e.g. {domain: math}), applied before mixing.
+    revision: Optional[str] = None  # a commit, tag or branch: pin it for a reproducible cache key
+    # Files of the hub dataset to load (globs inside the repository), e.g. [SFT/code/*.jsonl]: only those are
+    # downloaded; [] loads what hf_name/split select. With data_files the split is usually `train`.
+    data_files: List[str] = field(default_factory=list)
+    # Validate and count the hub rows as they stream in, keeping only the checked conversations on disk
+    # (not a full Arrow copy of the raw dataset).
+    streaming: bool = False
+    # Keep only rows whose columns equal these values, or one of a list of values (e.g. {domain: math},
+    # {domain: [math, science]}), applied before mixing. Sources reading the same data share one scan.
     where: Dict[str, Any] = field(default_factory=dict)
     # Column names where they differ from the format's defaults, e.g. {prompt: input, response: output};
     # null for an optional column to ignore (e.g. {reasoning: null} where `reasoning` means something else).
     fields: Dict[str, Optional[str]] = field(default_factory=dict)
+    # Role (or sharegpt `from`) names -> system/user/assistant/tool, over the built-in names,
+    # e.g. {function_call: assistant, observation: tool}.
+    role_map: Dict[str, str] = field(default_factory=dict)
     # A system turn put first where a conversation has none (None: the chat template's default).
     system_prompt: Optional[str] = None
     # Split an assistant content that starts with "<think>...</think>" into reasoning + answer.
@@ -129,6 +141,7 @@ class SourceConfig:
     count: Optional[int] = None  # absolute number of rows
     epochs: Optional[float] = None  # multiple of the source's valid rows
     replace: bool = False  # draw with replacement instead of whole passes + a without-replacement rest
+    max_bad_fraction: Optional[float] = None  # this source's bad-row budget (None: data.max_bad_fraction)
 
 
 @dataclass
@@ -141,6 +154,10 @@ class DataConfig:
     max_seq_len: int = 32768
     pack: bool = True  # best-fit pack conversations into rows of max_seq_len; else one per row
     on_bad_row: OnBadRow = OnBadRow.error
+    # Under on_bad_row=skip: the share of a source's rows that may be bad before the run stops.
+    max_bad_fraction: float = 0.001
+    # Keep assistant replies that are only a <think> block (empty answer); else such a row is bad.
+    allow_empty_answer: bool = False
     overlong: Overlong = Overlong.drop
     last_turn_only: bool = False  # supervise only the final assistant turn
     mix_size: Optional[int] = None  # rows shared by weighted sources (None: their total size)

@@ -2,6 +2,7 @@
 
     {cache_dir}/{split}-{key}/
         manifest.json     counts per source and domain, skips by reason, packing efficiency, ...
+        bad_rows.jsonl    under on_bad_row=skip: the first bad rows of each source (source, location, reason, error)
         tokens.npy        every kept document's ids, concatenated (uint16, or uint32 for vocabularies > 65536)
         supervised.npy    bool, aligned with tokens: the label is the token itself, else -100
         doc_offsets.npy   int64 [documents + 1]: document d is tokens[doc_offsets[d]:doc_offsets[d + 1]]
@@ -33,13 +34,15 @@ import numpy as np
 from ouro_train.config import DataConfig, SourceConfig
 from ouro_train.data.sources import local_files
 
-FORMAT_VERSION = 1  # bump when anything changes what a cache directory contains
+FORMAT_VERSION = 2  # bump when anything changes what a cache directory contains
 ARRAYS = ("tokens", "supervised", "doc_offsets", "row_docs", "row_offsets")
 
 
 def cache_key(split: str, sources: Sequence[SourceConfig], data: DataConfig, tokenizer_hash: str) -> str:
     settings = {
-        k: getattr(data, k) for k in ("max_seq_len", "pack", "on_bad_row", "overlong", "last_turn_only", "mix_size", "seed")
+        k: getattr(data, k)
+        for k in ("max_seq_len", "pack", "on_bad_row", "max_bad_fraction", "allow_empty_answer", "overlong",
+                  "last_turn_only", "mix_size", "seed")
     }
     spec = {
         "format_version": FORMAT_VERSION,

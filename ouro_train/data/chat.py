@@ -21,7 +21,9 @@ whole string would merge the header's "\n" with the space ("ĊĠ").
 
 Supervised (label = token) are the assistant content tokens, the `<think>` block, and the closing
 `<|im_end|>`; not the `<|im_start|>assistant\\n` header, not the `\\n` after `<|im_end|>` (template glue
-the model never has to generate: generation stops at `<|im_end|>`), not system or user turns.
+the model never has to generate: generation stops at `<|im_end|>`), not system, user or tool turns, and
+not an assistant turn whose `train` is false (context only; `last_turn_only` supervises the last
+trained one).
 """
 
 from __future__ import annotations
@@ -64,14 +66,15 @@ class ChatEncoder:
     def pieces(self, messages: Sequence[dict], last_turn_only: bool = False) -> list[Piece]:
         if messages[0]["role"] != "system":
             messages = [{"role": "system", "content": DEFAULT_SYSTEM}, *messages]
-        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        trained = [i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("train", True)]
+        last = trained[-1] if trained else -1
         out: list[Piece] = []
         for i, m in enumerate(messages):
             out.append((self.im_start, False))
             if m["role"] != "assistant":
                 out += [(f"{m['role']}\n{m['content']}", False), (self.im_end, False), ("\n", False)]
                 continue
-            sup = i == last or not last_turn_only
+            sup = m.get("train", True) and (i == last or not last_turn_only)
             out.append(("assistant\n", False))
             content = m["content"]
             if m.get("reasoning") is not None:

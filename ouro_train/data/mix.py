@@ -31,6 +31,7 @@ class SourcePlan:
     spec: str  # how the target was asked for
     target: int  # rows drawn into the mix
     mean_tokens: Optional[float] = None  # tokens per row, estimated from a tokenized sample
+    with_reasoning: Optional[int] = None  # valid rows with an assistant reasoning trace
 
     @property
     def epochs(self) -> float:
@@ -81,19 +82,21 @@ def draw(n: int, k: int, replace: bool, seed: int, name: str) -> np.ndarray:
 
 
 def format_plan(plans: Sequence[SourcePlan]) -> str:
-    """The plan as a table: per source, then per domain; tokens where a sample was tokenized."""
+    """The plan as a table: per source (valid rows with and without reasoning), then per domain; tokens
+    where a sample was tokenized."""
     total = sum(p.target for p in plans) or 1
 
     def tokens(items: Sequence[SourcePlan]) -> str:
         known = [p.tokens for p in items if p.tokens is not None]
         return f"{sum(known):>15,.0f}" if len(known) == len(items) else f"{'-':>15}"
 
-    lines = [f"{'source':<28} {'domain':<10} {'available':>11} {'spec':<22} {'rows':>11} {'epochs':>7} "
-             f"{'share':>7} {'tokens/row':>10} {'est. tokens':>15}"]
+    lines = [f"{'source':<28} {'domain':<10} {'available':>11} {'reasoning':>11} {'no reasoning':>12} {'spec':<22} "
+             f"{'rows':>11} {'epochs':>7} {'share':>7} {'tokens/row':>10} {'est. tokens':>15}"]
     for p in plans:
         per_row = f"{p.mean_tokens:>10,.0f}" if p.mean_tokens is not None else f"{'-':>10}"
-        lines.append(f"{p.name:<28} {p.domain:<10} {p.available:>11,} {p.spec:<22} {p.target:>11,} {p.epochs:>7.2f} "
-                     f"{p.target / total:>7.1%} {per_row} {tokens([p])}")
+        with_r = f"{p.with_reasoning:>11,} {p.available - p.with_reasoning:>12,}" if p.with_reasoning is not None else f"{'-':>11} {'-':>12}"
+        lines.append(f"{p.name:<28} {p.domain:<10} {p.available:>11,} {with_r} {p.spec:<22} {p.target:>11,} "
+                     f"{p.epochs:>7.2f} {p.target / total:>7.1%} {per_row} {tokens([p])}")
     lines.append("")
     lines.append(f"{'domain':<28} {'rows':>11} {'share':>7} {'est. tokens':>15}")
     for domain in dict.fromkeys(p.domain for p in plans):

@@ -4,13 +4,17 @@
     data = prepare(cfg.data, tokenizer, "eval")    # from data.eval_sources / data.eval_files
 
 Order of work: every source is loaded and validated first (with `on_bad_row=error` the first bad row
-stops the run before any tokenization); then the mix draws its rows; only drawn rows are tokenized
+stops the run before any tokenization; with `skip` a source over its bad-row budget does, and the first
+bad rows of each source are kept in `bad_rows.jsonl` beside the manifest, or beside where the cache
+directory would have been when the run stops); then the mix draws its rows; only drawn rows are tokenized
 (`.map(num_proc=data.num_proc)`); overlong documents are dropped or truncated; rows are packed and
 written. A cache directory whose key matches is reused without loading or tokenizing anything.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import shutil
 import tempfile
@@ -21,6 +25,7 @@ from typing import Callable
 
 import datasets
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from ouro_train.config import DataConfig, SourceConfig
@@ -30,26 +35,32 @@ from ouro_train.data.mix import SourcePlan, draw, plan_mix
 from ouro_train.data.pack import DROP_REASONS, TOKENIZED, best_fit_decreasing, tokenize_batch
 from ouro_train.data.sources import load_source
 from ouro_train.data.tokenizer import tokenizer_hash
-from ouro_train.data.validate import DataError, report_bad_rows
+from ouro_train.data.validate import DataError, check_budgets, check_data_config
 
 Log = Callable[[str], None]
+BAD_ROWS_LOGGED = 100  # per source, in bad_rows.jsonl
+# Source settings that choose rows from a scan rather than change how it reads them.
+SELECTION_FIELDS = ("name", "domain", "where", "weight", "count", "epochs", "replace", "max_bad_fraction")
 
 
 @dataclass
 class Checked:
-    """A loaded, validated source: its rows, the indices of the valid ones, and bad-row counts."""
+    """A loaded, validated source: its rows (shared by the sources that read the same data), the
+    indices of its valid ones, bad-row counts, rows its `where` left out, valid rows with reasoning."""
 
     src: SourceConfig
     rows: object  # datasets.Dataset with sources.FEATURES
     valid: np.ndarray
     bad: Counter
     filtered: int
+    with_reasoning: int
 
 
 def split_sources(data: DataConfig, split: str) -> list[SourceConfig]:
     """The sources of a split: the listed ones plus one per convenience file."""
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    check_data_config(data)
     listed, files = (data.sources, data.train_files) if split == "train" else (data.eval_sources, data.eval_files)
     sources = list(listed) + [SourceConfig(name=Path(f).stem, path=f) for f in files]
     names = [s.name for s in sources]
@@ -58,19 +69,75 @@ def split_sources(data: DataConfig, split: str) -> list[SourceConfig]:
     return sources
 
 
-def check_sources(data: DataConfig, sources: list[SourceConfig], work: Path) -> list[Checked]:
-    """Load and validate every source; DataError on the first bad row under on_bad_row=error."""
-    checked, reports = [], []
+def check_sources(data: DataConfig, sources: list[SourceConfig], work: Path, bad_rows_log: Path | None = None) -> list[Checked]:
+    """Load and validate every source, reading data that several sources share once. DataError on the
+    first bad row under on_bad_row=error; under skip the first bad rows of each source go to
+    `bad_rows_log` and DataError names the first source over its bad-row budget."""
+    where_columns: dict[str, set] = {}
+    for src in sources:
+        where_columns.setdefault(scan_key(src), set()).update(src.where)
+    where_keys = {key: sorted(columns) for key, columns in where_columns.items()}
+    scans: dict[str, object] = {}
+    checked, reports, logged = [], [], []
     for i, src in enumerate(sources):
-        rows = load_source(src, work / f"source-{i}", data.num_proc)
-        reason = rows.data.column("reason").to_numpy(zero_copy_only=False)
-        bad = (reason != "") & (reason != "filtered")
-        first = rows[int(np.argmax(bad))]["error"] if bad.any() else None
-        counts = Counter(reason[bad].tolist())
-        checked.append(Checked(src, rows, np.flatnonzero(reason == ""), counts, int((reason == "filtered").sum())))
-        reports.append((counts, first))
-    report_bad_rows(reports, data.on_bad_row.value)
+        key = scan_key(src)
+        if key not in scans:
+            scans[key] = load_source(src, work / f"source-{i}", data.num_proc, where_keys[key], data.allow_empty_answer)
+        c, in_source, bad = _select(src, scans[key], where_keys[key])
+        first = c.rows[int(np.argmax(bad))]["error"] if bad.any() else None
+        checked.append(c)
+        reports.append((src, int(in_source.sum()), len(c.valid), c.bad, first))
+        logged += [{"source": src.name, **r} for r in c.rows.select(np.flatnonzero(bad)[:BAD_ROWS_LOGGED])
+                   .select_columns(["location", "reason", "error"]).to_list()]
+    log = None
+    if bad_rows_log is not None and logged and data.on_bad_row.value == "skip":
+        bad_rows_log.write_text("".join(json.dumps(r) + "\n" for r in logged))
+        log = str(bad_rows_log)
+    check_budgets(reports, data.on_bad_row.value, data.max_bad_fraction, log)
     return checked
+
+
+def scan_key(src: SourceConfig) -> str:
+    """What a source's scan depends on: sources with equal keys read the same rows the same way."""
+    spec = {k: v for k, v in dataclasses.asdict(src).items() if k not in SELECTION_FIELDS}
+    return json.dumps(spec, sort_keys=True, default=str)
+
+
+def _select(src: SourceConfig, rows, where_keys: list[str]) -> tuple[Checked, np.ndarray, np.ndarray]:
+    """The source's share of a scan: (Checked, rows its `where` keeps, its bad rows). Per-row work is
+    Arrow compute over the columns plus one bool per row, so hub-sized scans stay small in memory."""
+    reason = rows.data.column("reason")
+    in_source = np.ones(len(rows), dtype=bool)
+    if src.where:
+        where = rows.data.column("where")
+        values = pc.unique(where).to_pylist()
+        decoded = {v: dict(zip(where_keys, json.loads(v))) if v else None for v in values}
+        # a row unreadable as an object (bad JSON) has no values: it counts against every source of the scan
+        kept = [v for v, row in decoded.items() if row is None or _matches(row, src.where)]
+        in_source = pc.is_in(where, value_set=pa.array(kept, pa.string())).to_numpy()
+        if not in_source.any() and len(rows):
+            raise DataError(f"source '{src.name}': `where` {src.where} matches none of its {len(rows):,} rows; "
+                            f"values found: {_found(list(decoded.values()), src.where)}")
+    ok = pc.equal(reason, "").to_numpy()
+    bad, good = in_source & ~ok, in_source & ok
+    counts = pc.value_counts(pc.filter(reason, pa.array(bad))).to_pylist()
+    has_reasoning = rows.data.column("has_reasoning").to_numpy()
+    c = Checked(src, rows, np.flatnonzero(good), Counter({c["values"]: c["counts"] for c in counts}),
+                int((~in_source).sum()), int(has_reasoning[good].sum()))
+    return c, in_source, bad
+
+
+def _matches(row: dict, where: dict) -> bool:
+    return all(row[k] in wanted if isinstance(wanted, (list, tuple)) else row[k] == wanted for k, wanted in where.items())
+
+
+def _found(decoded: list, where: dict, shown: int = 20) -> str:
+    """The distinct values of each `where` column, as a readable list (the first `shown` of each)."""
+    out = []
+    for k in where:
+        seen = sorted({json.dumps(v[k]) for v in decoded if v is not None})
+        out.append(f"{k}: {', '.join(seen[:shown])}" + (f" (+{len(seen) - shown} more)" if len(seen) > shown else ""))
+    return "; ".join(out)
 
 
 def plan(data: DataConfig, split: str = "train", tokenizer=None, sample: int = 256) -> list[SourcePlan]:
@@ -81,6 +148,8 @@ def plan(data: DataConfig, split: str = "train", tokenizer=None, sample: int = 2
     with tempfile.TemporaryDirectory(dir=data.cache_dir, prefix=".plan-") as work:
         checked = check_sources(data, sources, Path(work))
         plans = plan_mix(sources, [len(c.valid) for c in checked], data.mix_size)
+        for c, p in zip(checked, plans):
+            p.with_reasoning = c.with_reasoning
         if tokenizer is not None:
             encoder = ChatEncoder(tokenizer)
             for c, p in zip(checked, plans):
@@ -109,12 +178,16 @@ def prepare(data: DataConfig, tokenizer, split: str = "train", log: Log = print)
         log(f"[{split}] reusing prepared data in {target}")
         return PreparedData(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    bad_rows_log = target.with_name(f"{target.name}.bad_rows.jsonl")  # kept there if the budget check fails
+    bad_rows_log.unlink(missing_ok=True)
     with atomic_dir(target) as tmp:
-        checked = check_sources(data, sources, tmp / "work")
+        checked = check_sources(data, sources, tmp / "work", bad_rows_log)
         plans = plan_mix(sources, [len(c.valid) for c in checked], data.mix_size)
         manifest = _build(data, tokenizer, checked, plans, tmp)
         del checked
         shutil.rmtree(tmp / "work")
+        if bad_rows_log.exists():
+            bad_rows_log.rename(tmp / "bad_rows.jsonl")
         manifest.update(split=split, config_hash=key, tokenizer_hash=tokenizer_hash(tokenizer))
         write_manifest(tmp, manifest)
     log(f"[{split}] prepared data in {target}")
@@ -162,7 +235,9 @@ def _build(data: DataConfig, tokenizer, checked: list[Checked], plans: list[Sour
             "domain": c.src.domain,
             "available": len(c.valid),
             "bad_rows": dict(c.bad),
+            "max_bad_fraction": data.max_bad_fraction if c.src.max_bad_fraction is None else c.src.max_bad_fraction,
             "filtered": c.filtered,
+            "with_reasoning": c.with_reasoning,
             "spec": p.spec,
             "selected": p.target,
             "unique_selected": len(unique),

@@ -6,15 +6,18 @@ A bad row is reported as
 
 naming the source, the file and 1-based line (or `row N` for parquet and hub datasets, 0-based), and
 the field. With `data.on_bad_row=error` the first bad row (in source order, then file order) stops the
-run before any tokenization; with `skip` bad rows are dropped and counted by reason.
+run before any tokenization. With `skip` bad rows are dropped and counted by reason, within a budget:
+a source whose bad rows exceed `max_bad_fraction` of its rows stops the run, and so does a source with
+no valid row at all (whatever `on_bad_row`), so a run never starts on nothing.
 """
 
 from __future__ import annotations
 
+import math
 from collections import Counter
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 
 # Every reason a source row can be rejected for, in the order they are checked.
 BAD_ROW_REASONS = (
@@ -24,6 +27,10 @@ BAD_ROW_REASONS = (
     "bad_type",
     "unknown_role",
     "non_string_content",
+    "unsupported_part",
+    "unclosed_think",
+    "stray_think_tag",
+    "empty_answer",
     "no_assistant_turn",
 )
 
@@ -73,26 +80,48 @@ def optional_text(row: dict, key: Optional[str], path: Optional[str]) -> Optiona
     return None if value is None else require_text(value, path)
 
 
-def check_role(role: Any, path: str, known: tuple = ROLES) -> None:
-    if role not in known:
-        raise BadRow("unknown_role", f"unknown role {role!r} (expected one of {', '.join(known)})", path)
-
-
 def check_conversation(messages: list[dict], field: str) -> None:
     """What every conversation must have, whatever its source format."""
-    if not any(m["role"] == "assistant" for m in messages):
+    if not any(m["role"] == "assistant" and m["train"] for m in messages):
         raise BadRow("no_assistant_turn", "no assistant turn to train on", field)
 
 
-def report_bad_rows(per_source: list[tuple[Counter, Optional[str]]], on_bad_row: str) -> Counter:
-    """`per_source`: (bad-row counts by reason, first bad row's message) for each source, in order.
-
-    Under `error` raises DataError with the first bad row's message; under `skip` returns the counts.
-    """
-    counts = sum((c for c, _ in per_source), Counter())
-    first = next((message for _, message in per_source if message), None)
+def check_budgets(per_source: Sequence[tuple], on_bad_row: str, default_budget: float, log: Optional[str]) -> None:
+    """`per_source`: (source config, rows read, valid rows, bad-row counts by reason, first bad row's
+    message) for each source, in order. Raises DataError with the first bad row under `error`; under
+    `skip` for the first source over its budget; under either for a source with no valid row."""
+    first = next((message for *_, message in per_source if message), None)
     if first and on_bad_row == "error":
-        total = sum(counts.values())
+        total = sum(sum(counts.values()) for _, _, _, counts, _ in per_source)
         more = f" ({total} bad rows in all; data.on_bad_row=skip drops them)" if total > 1 else ""
         raise DataError(first + more)
-    return counts
+    where = f"; the first bad rows are in {log}" if log else ""
+    for src, rows, valid, counts, message in per_source:
+        bad = sum(counts.values())
+        budget = default_budget if src.max_bad_fraction is None else src.max_bad_fraction
+        option = "data.max_bad_fraction" if src.max_bad_fraction is None else "its max_bad_fraction"
+        reasons = ", ".join(f"{r} {n:,}" for r, n in counts.most_common())
+        if valid == 0:
+            found = f": all {bad:,} rows are bad ({reasons}); first: {message}{where}" if bad else " (it read no row)"
+            raise DataError(f"source '{src.name}' has no valid row{found}")
+        if bad > math.floor(budget * rows):
+            raise DataError(
+                f"source '{src.name}': {bad:,} bad rows of {rows:,} ({bad / rows:.2%}) exceed {option}={budget:g} "
+                f"({reasons}); first: {message}{where}"
+            )
+
+
+def check_data_config(data) -> None:
+    """The data settings a prepare cannot start without, named by their dotted config path."""
+    if not 0 <= data.max_bad_fraction <= 1:
+        raise DataError(f"data.max_bad_fraction must be in [0, 1], got {data.max_bad_fraction}")
+    for key in ("sources", "eval_sources"):
+        for i, src in enumerate(getattr(data, key)):
+            name = f"data.{key}[{i}]"
+            if src.max_bad_fraction is not None and not 0 <= src.max_bad_fraction <= 1:
+                raise DataError(f"{name}.max_bad_fraction must be in [0, 1], got {src.max_bad_fraction}")
+            for raw, role in src.role_map.items():
+                if role not in ROLES:
+                    raise DataError(f"{name}.role_map.{raw}: {role!r} is not one of {', '.join(ROLES)}")
+            if src.path is not None and (src.data_files or src.streaming):
+                raise DataError(f"{name}: data_files and streaming are for hub sources (hf_id); a path names its own files")

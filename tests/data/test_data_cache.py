@@ -73,16 +73,21 @@ def test_manifest_contents(tmp_path):
 
     data = data_config(
         tmp_path, [source("math", math, domain="math"), source("talk", talk, domain="chat", epochs=2.0)],
-        max_seq_len=128, on_bad_row=OnBadRow.skip,
+        max_seq_len=128, on_bad_row=OnBadRow.skip, max_bad_fraction=0.05,
     )
     prepared = prepare(data, project_tok())
     m = json.loads((prepared.path / "manifest.json").read_text())
     assert m == prepared.manifest
     assert m["config_hash"] in prepared.path.name and m["tokenizer_hash"] == tokenizer_hash(project_tok())
     assert m["bad_rows"] == {"bad_json": 1} and m["sources"]["math"]["bad_rows"] == {"bad_json": 1}
+    assert m["sources"]["math"]["max_bad_fraction"] == 0.05 and m["sources"]["math"]["with_reasoning"] == 0
+    logged = [json.loads(line) for line in (prepared.path / "bad_rows.jsonl").read_text().splitlines()]
+    assert logged == [{"source": "math", "location": f"{math}:31", "reason": "bad_json",
+                       "error": f"source 'math' {math}:31: bad JSON: Expecting property name enclosed in double quotes "
+                                "at column 2 (one JSON object per line expected)"}]
     assert (m["num_documents"], m["num_unique_documents"]) == (50, 40)
     assert m["domains"]["chat"]["documents"] == 20 and m["domains"]["math"]["documents"] == 30
     assert m["num_rows"] == len(prepared) and m["num_tokens"] == sum(len(prepared[r][0]) for r in range(len(prepared)))
     assert m["num_supervised_tokens"] == sum(int(prepared[r][1].sum()) for r in range(len(prepared)))
-    assert 0 < m["packing_efficiency"] <= 1 and FORMAT_VERSION == 1
+    assert 0 < m["packing_efficiency"] <= 1 and FORMAT_VERSION == 2
     assert prepared.tokens.dtype == np.uint16 and isinstance(prepared.tokens, np.memmap)

@@ -93,7 +93,11 @@ def test_ouro_prepare_smoke_plan_and_build(tmp_path):
     common = ["--config-name", "smoke", f"data.cache_dir={tmp_path / 'cache'}", f"output_dir={tmp_path / 'out'}"]
     planned = run_prepare(*common, "--plan", "--local_rank=0", cwd=tmp_path)
     assert planned.returncode == 0, planned.stderr
-    assert "science                      science            300 epochs=2                       600    2.00   44.4%" in planned.stdout
+    science = [json.loads(line) for line in (REPO / "data" / "samples" / "science.jsonl").read_text().splitlines()]
+    thinking = sum(any(t["value"].startswith("<think>") for t in r["conversations"] if t["from"] == "gpt") for r in science)
+    assert 0 < thinking < 300
+    assert (f"science                      science            300 {thinking:>11} {300 - thinking:>12} epochs=2"
+            "                       600    2.00   44.4%") in planned.stdout
     assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").glob("train-*"))
 
     built = run_prepare(*common, cwd=tmp_path)
@@ -111,11 +115,17 @@ def test_ouro_prepare_bad_row_exits_with_one_line(tmp_path):
     failed = run_prepare(*args, cwd=tmp_path)
     assert failed.returncode == 1
     assert failed.stderr.strip().splitlines()[-1] == (
-        f"error: source 'bad' {bad}:2: field 'messages[0].role': unknown role 'robot' (expected one of system, user, assistant)"
+        f"error: source 'bad' {bad}:2: field 'messages[0].role': unknown role 'robot' (known: system, user, assistant, "
+        "tool; map other names with the source's `role_map`)"
     )
     assert "Traceback" not in failed.stderr
 
-    skipped = run_prepare(*args, "data.on_bad_row=skip", cwd=tmp_path)
+    over_budget = run_prepare(*args, "data.on_bad_row=skip", cwd=tmp_path)
+    assert over_budget.returncode == 1
+    assert over_budget.stderr.strip().splitlines()[-1].startswith(
+        "error: source 'bad': 1 bad rows of 2 (50.00%) exceed data.max_bad_fraction=0.001 (unknown_role 1); first: "
+    )
+    skipped = run_prepare(*args, "data.on_bad_row=skip", "data.max_bad_fraction=0.5", cwd=tmp_path)
     assert skipped.returncode == 0, skipped.stderr
     assert "bad rows skipped: {'unknown_role': 1}" in skipped.stdout
 
@@ -130,4 +140,4 @@ def test_ouro_prepare_with_another_recipe_folder(tmp_path):
     )
     done = run_prepare("--config-path", str(recipes), "--config-name", "mine", "--plan", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert "mine                         general              3 epochs=1                         3    1.00  100.0%" in done.stdout
+    assert "mine                         general              3           0            3 epochs=1                         3    1.00  100.0%" in done.stdout

@@ -65,16 +65,17 @@ def test_mix_proportions_within_tolerance(tmp_path):
 
 
 def test_plan_table(tmp_path):
-    path = write_jsonl(tmp_path / "a.jsonl", [chat()] * 10)
+    path = write_jsonl(tmp_path / "a.jsonl", [chat()] * 6 + [chat(reasoning="2 + 2 = 4.")] * 4)
     data = data_config(tmp_path, [source("a", path, domain="math", epochs=3.0), source("b", path, domain="chat", count=10)])
     table = format_plan(plan(data))
-    assert "a                            math                10 epochs=3                        30    3.00   75.0%" in table
+    # available 10: 4 with reasoning, 6 without
+    assert "a                            math                10           4            6 epochs=3                        30    3.00   75.0%" in table
     assert "total                                 40" in table
 
 
 def test_plan_estimates_tokens_from_a_tokenized_sample(tmp_path):
     """With every row in the sample the estimate is exact: it equals what prepare writes."""
-    path = write_jsonl(tmp_path / "a.jsonl", [chat(f"question {i} " * (i % 5 + 1), "answer " * i) for i in range(40)])
+    path = write_jsonl(tmp_path / "a.jsonl", [chat(f"question {i} " * (i % 5 + 1), "answer " * (i + 1)) for i in range(40)])
     data = data_config(tmp_path, [source("a", path, domain="math", epochs=2.0), source("b", path, domain="chat", count=7)],
                        max_seq_len=4096)
     plans = {p.name: p for p in plan(data, tokenizer=project_tok(), sample=1000)}

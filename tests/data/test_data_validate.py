@@ -21,14 +21,29 @@ BAD_ROWS = {
     "bad_type": ({"messages": "hello"}, "field 'messages': expected a list, got str"),
     "unknown_role": (
         {"messages": [{"role": "robot", "content": "beep"}, {"role": "assistant", "content": "x"}]},
-        "field 'messages[0].role': unknown role 'robot' (expected one of system, user, assistant)",
+        "field 'messages[0].role': unknown role 'robot' (known: system, user, assistant, tool; "
+        "map other names with the source's `role_map`)",
     ),
     "non_string_content": (
         {"messages": [{"role": "user", "content": 42}, {"role": "assistant", "content": "x"}]},
-        "field 'messages[0].content': expected a string, got int",
+        "field 'messages[0].content': expected a string or a list of content parts, got int",
     ),
     "no_assistant_turn": ({"messages": [{"role": "user", "content": "hi"}]}, "field 'messages': no assistant turn to train on"),
     "invalid_utf8": (b'{"messages": "caf\xc3"}', "invalid UTF-8 at byte 17 of the line"),
+    "unsupported_part": (
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x.png"}}]},
+                      {"role": "assistant", "content": "x"}]},
+        "field 'messages[0].content[0].type': content part of type 'image_url': only text and reasoning parts are trained on",
+    ),
+    "unclosed_think": (
+        chat(answer="<think>\nLet me see: 2 + 2 is"),
+        "field 'messages[1].content': <think> is never closed (a truncated reasoning trace?)",
+    ),
+    "stray_think_tag": (
+        chat(answer="<think>a</think>So 4. <think>Or 5?</think>"),
+        "field 'messages[1].content': <think> inside the answer (nested or mid-text reasoning tags)",
+    ),
+    "empty_answer": (chat(answer=" \n "), "field 'messages[1].content': empty or whitespace-only answer"),
 }
 
 
@@ -50,7 +65,8 @@ def test_bad_row_error_names_source_file_line_and_field(tmp_path, reason):
 def test_skip_counts_every_reason_and_keeps_the_good_rows(tmp_path):
     rows = [GOOD] + [BAD_ROWS[r][0] for r in sorted(BAD_ROWS)] + [GOOD]
     path = write_jsonl(tmp_path / "rows.jsonl", rows)
-    data = data_config(tmp_path, [source("mine", path, format=Format.messages)], on_bad_row=OnBadRow.skip)
+    data = data_config(tmp_path, [source("mine", path, format=Format.messages)], on_bad_row=OnBadRow.skip,
+                       max_bad_fraction=1.0)
     prepared = prepare(data, project_tok())
     assert prepared.manifest["bad_rows"] == {r: 1 for r in BAD_ROWS}
     assert prepared.manifest["sources"]["mine"]["available"] == 2
@@ -85,9 +101,9 @@ def test_parquet_bad_row_is_located_by_row_index(tmp_path):
 # ---- adapters ---------------------------------------------------------------------------------
 
 EXPECTED = [
-    {"role": "system", "content": "Be exact.", "reasoning": None},
-    {"role": "user", "content": "What is 6 x 7?", "reasoning": None},
-    {"role": "assistant", "content": "42", "reasoning": "6 x 7 = 42."},
+    {"role": "system", "content": "Be exact.", "reasoning": None, "train": False},
+    {"role": "user", "content": "What is 6 x 7?", "reasoning": None, "train": False},
+    {"role": "assistant", "content": "42", "reasoning": "6 x 7 = 42.", "train": True},
 ]
 ROWS = {
     Format.messages: {"messages": [{"role": "system", "content": "Be exact."}, {"role": "user", "content": "What is 6 x 7?"}, {"role": "assistant", "content": "42", "reasoning": "6 x 7 = 42."}]},
@@ -110,14 +126,14 @@ def test_alpaca_input_fields_prompt_list_and_system_prompt():
     src = SourceConfig(name="s", fields={"prompt": "input", "response": "output", "reasoning": None}, system_prompt="Sys.")
     row = {"input": [{"role": "user", "content": "Hi"}], "output": "Hello", "reasoning": "on"}
     assert to_conversation(row, Format.prompt_response, src) == [
-        {"role": "system", "content": "Sys.", "reasoning": None},
-        {"role": "user", "content": "Hi", "reasoning": None},
-        {"role": "assistant", "content": "Hello", "reasoning": None},
+        {"role": "system", "content": "Sys.", "reasoning": None, "train": False},
+        {"role": "user", "content": "Hi", "reasoning": None, "train": False},
+        {"role": "assistant", "content": "Hello", "reasoning": None, "train": True},
     ]
     alpaca = to_conversation({"instruction": "Sum", "input": "1 2", "output": "3"}, Format.alpaca, SourceConfig(name="s"))
     assert alpaca[0]["content"] == "Sum\n\n1 2"
     raw = to_conversation(ROWS[Format.sharegpt], Format.sharegpt, SourceConfig(name="s", parse_think=False))
-    assert raw[-1] == {"role": "assistant", "content": "<think>\n6 x 7 = 42.\n</think>\n\n42", "reasoning": None}
+    assert raw[-1] == {"role": "assistant", "content": "<think>\n6 x 7 = 42.\n</think>\n\n42", "reasoning": None, "train": True}
 
 
 def test_where_filters_rows_without_counting_them_bad(tmp_path):
@@ -148,7 +164,7 @@ def test_jsonl_split_across_processes_keeps_line_numbers(tmp_path, monkeypatch):
     data = data_config(tmp_path, [source("mine", path)], num_proc=2)
     with pytest.raises(DataError, match=rf"^source 'mine' {path}:34: field 'messages\[0\].role'"):
         check_sources(data, data.sources, tmp_path / "work")
-    data.on_bad_row = OnBadRow.skip
+    data.on_bad_row, data.max_bad_fraction = OnBadRow.skip, 0.05
     checked = check_sources(data, data.sources, tmp_path / "work2")[0]
     assert [m[0]["content"] for m in checked.rows.select(range(3))["messages"]] == ["row 0", "row 1", "row 2"]
     assert len(checked.valid) == 39 and checked.valid[33] == 34

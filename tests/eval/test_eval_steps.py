@@ -86,7 +86,8 @@ def test_final_answers():
     assert final_answer("So the Answer is   42") == "42"
     tasks = answer_tasks(read_conversations(MATH, max_samples=3))
     assert [t.reference for t in tasks] == ["18", "92 km", "38"]
-    assert tasks[0].prompt[-1] == {"role": "user", "content": tasks[0].prompt[-1]["content"], "reasoning": None}
+    assert tasks[0].prompt[-1] == {"role": "user", "content": tasks[0].prompt[-1]["content"], "reasoning": None,
+                                   "train": False}
 
 
 def test_accuracy_counts_matching_answers(monkeypatch):
