@@ -24,8 +24,10 @@ def bf16_enabled(cfg: DeepSpeedConfig) -> bool:
 
 
 def build_ds_config(
-    ds: DeepSpeedConfig, optim: OptimConfig, *, micro_batch: int, grad_accum: int, world_size: int
+    ds: DeepSpeedConfig, optim: OptimConfig, *, micro_batch: int, grad_accum: int, world_size: int,
+    load_universal: bool = False,
 ) -> dict:
+    """`load_universal`: the engine will resume from a universal checkpoint (another topology's)."""
     on_gpu = torch.cuda.is_available()
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.zero_stage >= 1:
@@ -56,6 +58,7 @@ def build_ds_config(
                 **({} if on_gpu or ds.offload_optimizer else {"torch_adam": True}),
             },
         },
+        "checkpoint": {"load_universal": load_universal},
         "steps_per_print": 10**12,  # progress is ours
         "wall_clock_breakdown": False,
     }
