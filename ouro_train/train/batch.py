@@ -62,7 +62,8 @@ def nearest_valid_settings(train: TrainConfig, max_seq_len: int, world_size: int
     smaller = [w for w in worlds if w < world_size]
     larger = [w for w in worlds if w > world_size]
     nearest_worlds = ([max(smaller)] if smaller else []) + ([min(larger)] if larger else [])
-    options.append(" or ".join(map(str, nearest_worlds)) + " processes keeping this batch and micro-batch size")
+    if nearest_worlds:
+        options.append(" or ".join(map(str, nearest_worlds)) + " processes keeping this batch and micro-batch size")
     return "; ".join(options)
 
 

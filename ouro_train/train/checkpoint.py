@@ -7,8 +7,8 @@ a kill mid-write) is never a resume point, and is deleted when that step is save
 
 Resuming on another topology (number of processes, ZeRO stage, offload) loads the checkpoint's universal
 copy (`train/universal.py`), made once. The loader position is counted over all ranks and carries over
-exactly; the per-rank RNG streams cannot (there is no rank r' that continues rank r's stream), so they
-are re-seeded from (seed, step, rank).
+exactly; on another number of processes the per-rank RNG streams cannot (no new rank continues an old
+rank's stream), so they are re-seeded from (seed, step, rank).
 """
 
 from __future__ import annotations
@@ -117,10 +117,10 @@ def load(engine, path: Path, state: TrainState, *, universal: bool, seed: int) -
     if loaded is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}")
     rank = dist.get_rank()
-    if universal:  # every rank holds the same global loader position; RNG streams start afresh
+    if saved["world_size"] == dist.get_world_size():
+        state.load_state_dict({**saved, **torch.load(rank_state_file(path, rank), weights_only=False)})
+    else:  # every rank saved the same global loader position; the RNG streams start afresh
         per_rank = torch.load(rank_state_file(path, 0), weights_only=False)
         state.load_state_dict({**saved, "loader": per_rank["loader"]})
         reseed_rng(seed, state.step, rank)
-    else:
-        state.load_state_dict({**saved, **torch.load(rank_state_file(path, rank), weights_only=False)})
     return saved

@@ -6,7 +6,9 @@ Set-up (the config's values were checked when it was composed; what needs the wo
 file system is checked here before the model is built):
   process group -> batch geometry -> tokenizer -> data (rank 0 prepares the cache, the others reuse it)
   -> model (pretrained or random; activation checkpointing) -> LoRA / gate freezing -> DeepSpeed engine
-  -> `output_dir/model/` (config, tokenizer, adapter config) -> resume from the newest complete checkpoint.
+  -> `output_dir/model/` (config, tokenizer, adapter config) -> resume from the newest complete checkpoint
+  (written on another number of processes or ZeRO stage: through its universal copy, `train/universal.py`;
+  whether it is needed is known before the engine is built, since DeepSpeed's config says so).
 
 One optimizer step:
   take `grad_accum` micro-batches; all-reduce their supervised-token count N over the ranks; for each
@@ -14,6 +16,8 @@ One optimizer step:
   divides by grad_accum and averages over ranks, so the gradient is that of Σ token losses / N: the
   result does not depend on how the batch is split); `engine.step()`; log; evaluate; checkpoint.
 
+Checkpoints every `checkpoint.every_n_steps` and, with `checkpoint.every_n_minutes`, when any rank's clock
+says so (one all-reduce with the stop flag below, so every rank saves the same step).
 SIGTERM / SIGINT: finish the current step, save a checkpoint, exit 0. A non-finite loss: the step is
 not applied (DeepSpeed skips a step whose gradient norm is not finite) and counted; `max_bad_steps` in a
 row stops the run with an error.
@@ -183,10 +187,13 @@ class Trainer:
             ensure_universal(path, log=self._log)
         checkpoint.load(self.engine, path, self.state, universal=self._universal, seed=self.cfg.seed)
         self._log(f"resumed from {path} at step {self.state.step}")
-        if self._universal:
-            self._log(f"the checkpoint was written with {checkpoint.Topology.of_checkpoint(path)}, this run has "
-                      f"{self.topology}: weights, optimizer, schedule and data position continue exactly; the "
-                      "per-rank RNG streams (dropout) cannot be carried over and are re-seeded from seed, step, rank")
+        saved = checkpoint.Topology.of_checkpoint(path)
+        if saved != self.topology:
+            rng = ("the per-rank RNG streams (dropout) cannot be carried over to another number of processes and "
+                   "are re-seeded from seed, step and rank" if saved.world_size != self.world else
+                   "so do the per-rank RNG streams")
+            self._log(f"the checkpoint was written with {saved}, this run has {self.topology}: weights, optimizer, "
+                      f"schedule and data position continue exactly; {rng}")
 
     # ----------------------------------------------------------------------------------- loop
     def _micro_batches(self) -> Iterator[dict]:
