@@ -10,7 +10,7 @@ that knows DeepSpeed's own checkpoint file names.
                                            written last: a directory without it is never read
     output_dir/checkpoints/step-NNNNNNNN/universal/
                                            the same checkpoint in DeepSpeed's universal format (one file per
-                                           parameter and state, any world size or ZeRO stage can load it),
+                                           parameter and state, any world size under ZeRO-1/2 loads it),
                                            made once when a run resumes on another topology; its own
                                            COMPLETE marker, written before it is renamed from universal.tmp
     output_dir/metrics.jsonl               one JSON object per optimizer step or evaluation
@@ -33,7 +33,6 @@ _TAG = re.compile(r"^step-(\d{8})$")
 # DeepSpeed's names inside a checkpoint directory (`engine.save_checkpoint(root, tag)`).
 _DS_MODULE_STATES = "mp_rank_00_model_states.pt"  # the whole module below ZeRO-3, rank 0's shard at 3
 _DS_OPTIM_STATES = "*_optim_states.pt"  # one per rank under ZeRO >= 1
-_DS_ZERO3_MODEL_STATES = "zero_pp_rank_0_mp_rank_00_model_states.pt"  # the name ZeRO-3 reads a universal one by
 _DS_LATEST_UNIVERSAL = "latest_universal"  # written by ds_to_universal beside its output; we pass tags instead
 _DS_UNIVERSAL_PARAMS = "zero"  # universal format: zero/<parameter name>/{fp32,exp_avg,exp_avg_sq,step}.pt
 UNIVERSAL = "universal"
@@ -83,12 +82,6 @@ def universal_tmp_dir(checkpoint: Path) -> Path:
 def latest_universal_file(output_folder: Path) -> Path:
     """The pointer DeepSpeed's converter writes in its output folder's parent."""
     return output_folder.parent / _DS_LATEST_UNIVERSAL
-
-
-def model_states_aliases(universal: Path) -> tuple[Path, Path]:
-    """The module states file under the name ZeRO 0-2 loads it by, and the name ZeRO-3 does: a universal
-    checkpoint has the source stage's one, the loading stage may look for the other."""
-    return universal / _DS_MODULE_STATES, universal / _DS_ZERO3_MODEL_STATES
 
 
 def is_universal(path: Path) -> bool:

@@ -5,8 +5,9 @@ position, RNG) in one file per rank, its global part with the run's metadata in 
 The `COMPLETE` marker is written last, after every rank has finished: a directory without it (a crash or
 a kill mid-write) is never a resume point, and is deleted when that step is saved again.
 
-Resuming on another topology (number of processes, ZeRO stage, offload) loads the checkpoint's universal
-copy (`train/universal.py`), made once. The loader position is counted over all ranks and carries over
+Resuming a ZeRO-1/2 checkpoint on another topology (number of processes, ZeRO-1 <-> ZeRO-2, offload)
+loads the checkpoint's universal copy (`train/universal.py`), made once. ZeRO-0 checkpoints load on any
+number of processes as they are; ZeRO-3 ones only on their own topology (see `needs_universal`). The loader position is counted over all ranks and carries over
 exactly; on another number of processes the per-rank RNG streams cannot (no new rank continues an old
 rank's stream), so they are re-seeded from (seed, step, rank).
 """
@@ -70,7 +71,17 @@ def needs_universal(path: Path, run: Topology) -> bool:
         raise RuntimeError(
             f"{path} was written with {saved}; this run has {run}. DeepSpeed's universal format converts "
             f"between ZeRO stages 1-3 only: resume with deepspeed.zero_stage="
-            f"{saved.zero_stage if saved.zero_stage == 0 else '1, 2 or 3'}"
+            f"{saved.zero_stage if saved.zero_stage == 0 else '1 or 2'}"
+        )
+    if 3 in (saved.zero_stage, run.zero_stage):
+        # DeepSpeed 0.19.8: a universal copy of a ZeRO-3 checkpoint does not load under ZeRO-1/2, one of
+        # ZeRO-1/2 does not load under ZeRO-3, and a ZeRO-3 engine that loads one continues the trajectory
+        # only approximately (its optimizer states are exact, the losses drift from the second step on).
+        raise RuntimeError(
+            f"{path} was written with {saved}; this run has {run}. A ZeRO-3 run resumes exactly only on the "
+            f"topology it was written with: resume with {saved.world_size} processes and "
+            f"deepspeed.zero_stage={saved.zero_stage}. ZeRO-1/2 checkpoints resume on any number of processes "
+            "under ZeRO-1 or ZeRO-2."
         )
     return True
 

@@ -93,11 +93,12 @@ def _merge(base: dict, extra: dict) -> dict:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only: norms, biases and other vectors are not decayed."""
+    """Weight decay on matrices only: norms, biases and other vectors are not decayed. (A model built
+    under ZeRO-3 holds empty partitions: its real shape is `ds_shape`.)"""
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
-            (decay if param.dim() >= 2 else no_decay).append(param)
+            (decay if len(getattr(param, "ds_shape", param.shape)) >= 2 else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 

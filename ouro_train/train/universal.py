@@ -1,9 +1,9 @@
 """A checkpoint in DeepSpeed's universal format, for a resume on another number of processes or ZeRO stage.
 
-DeepSpeed's `ds_to_universal` rewrites the ZeRO shards as one set of files per parameter (fp32 master
-weights and Adam moments), which an engine of any world size and ZeRO stage (1-3) loads with
-`"checkpoint": {"load_universal": true}`. It runs once per checkpoint, on rank 0, into `universal.tmp`
-beside the shards; the COMPLETE marker is written last and the directory is then renamed to `universal`,
+DeepSpeed's `ds_to_universal` rewrites the ZeRO-1/2 shards as one set of files per parameter (fp32 master
+weights and Adam moments), which a ZeRO-1/2 engine of any world size loads with
+`"checkpoint": {"load_universal": true}` (ZeRO-3: see `checkpoint.needs_universal`). It runs once per
+checkpoint, on rank 0, into `universal.tmp` beside the shards; the COMPLETE marker is written last and the directory is then renamed to `universal`,
 so a conversion killed at any moment leaves nothing that counts, and the next attempt starts over.
 """
 
@@ -21,7 +21,6 @@ from ouro_train.run_dir import (
     COMPLETE,
     is_complete,
     latest_universal_file,
-    model_states_aliases,
     universal_dir,
     universal_tmp_dir,
 )
@@ -40,7 +39,7 @@ def ensure_universal(checkpoint: Path, log=print) -> Path:
 
 
 def convert(checkpoint: Path) -> Path:
-    """`checkpoint` (a complete ZeRO 1-3 checkpoint) to `checkpoint/universal`, atomically."""
+    """`checkpoint` (a complete ZeRO-1/2 checkpoint) to `checkpoint/universal`, atomically."""
     from deepspeed.checkpoint import ds_to_universal
 
     tmp, target = universal_tmp_dir(checkpoint), universal_dir(checkpoint)
@@ -52,21 +51,10 @@ def convert(checkpoint: Path) -> Path:
         inject_missing_state=True,  # our module declares no tensor-parallel patterns: there are none
     ))
     latest_universal_file(tmp).unlink(missing_ok=True)  # resume names the directory itself
-    _alias_model_states(tmp)
     (tmp / COMPLETE).touch()
     os.replace(tmp, target)
     return target
 
 
-def _alias_model_states(universal: Path) -> None:
-    """Make the module states file findable under both stage families' names (a hard link, no copy)."""
-    below_3, stage_3 = model_states_aliases(universal)
-    have, missing = (below_3, stage_3) if below_3.is_file() else (stage_3, below_3)
-    if not missing.exists():
-        os.link(have, missing)
-
-
 def disk_size(path: Path) -> int:
-    """Bytes under `path`, each hard-linked file once."""
-    files = {(s.st_dev, s.st_ino): s.st_size for s in (f.stat() for f in path.rglob("*") if f.is_file())}
-    return sum(files.values())
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
