@@ -121,6 +121,16 @@ def test_zero2_to_zero1_continues_the_trajectory_on_the_same_rows(single, cache,
     assert rows_of(trainer.rows, range(5, 9)) == rows_of(single[1], range(5, 9))
 
 
+def test_lora_resumes_on_another_zero_stage(cache, tmp_path):
+    """Adapters and their optimizer states through the universal format; the frozen base is the recipe's."""
+    lora = ("lora.enabled=true", "lora.modules_to_save=[early_exit_gate]")
+    Trainer(compose_run(*overrides(tmp_path / "straight", cache, "deepspeed=zero2", *lora))).train()
+    step4 = RunDir(tmp_path / "straight").checkpoint(4)
+    Trainer(compose_run(*overrides(tmp_path / "resumed", cache, "deepspeed=zero1", f"resume={step4}", *lora))).train()
+    assert_same_trajectory(tmp_path / "resumed", tmp_path / "straight")
+    assert is_complete(universal_dir(step4))
+
+
 def test_zero3_on_another_topology_is_refused_before_anything_is_loaded(reference, cache, tmp_path):
     """DeepSpeed 0.19.8's universal load under ZeRO-3 does not continue the trajectory exactly."""
     step4 = RunDir(reference).checkpoint(4)
