@@ -306,7 +306,7 @@ class Trainer:
 
     def _all_reduce(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
         """All-reduce a small host tensor (NCCL needs it on the GPU); returns it on the host."""
-        moved = tensor.to(self.device)
+        moved = tensor.to(self.device, copy=True)  # on the CPU, `to` would return the tensor itself
         dist.all_reduce(moved, op=op)
         return moved.cpu()
 
