@@ -300,10 +300,15 @@ class LoraConfig:
 @dataclass
 class CheckpointConfig:
     every_n_steps: int = 500
+    # Also save once this many minutes of wall clock passed since the last save (preemptible queues);
+    # None: steps only. The ranks decide together (any rank's clock past it), so all save the same step.
+    every_n_minutes: Optional[float] = None
     keep_last: int = 2  # complete checkpoints kept (0: keep all)
 
     def check(self, at: str) -> None:
         _require(self.every_n_steps >= 1, f"{at}.every_n_steps", f"must be >= 1, got {self.every_n_steps}")
+        _require(self.every_n_minutes is None or self.every_n_minutes > 0, f"{at}.every_n_minutes",
+                 f"must be > 0 (null: steps only), got {self.every_n_minutes}")
         _require(self.keep_last >= 0, f"{at}.keep_last", f"must be >= 0, got {self.keep_last}")
 
 

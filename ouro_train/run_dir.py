@@ -9,6 +9,11 @@ that knows DeepSpeed's own checkpoint file names.
                                            ZeRO shards), one rank{r}.pt per process (data-loader position,
                                            RNG states), trainer_state.json, and an empty COMPLETE marker
                                            written last: a directory without it is never read
+    output_dir/checkpoints/step-NNNNNNNN/universal/
+                                           the same checkpoint in DeepSpeed's universal format (one file per
+                                           parameter and state, any world size under ZeRO-1/2 loads it),
+                                           made once when a run resumes on another topology; its own
+                                           COMPLETE marker, written before it is renamed from universal.tmp
     output_dir/metrics.jsonl               one JSON object per optimizer step or evaluation
     output_dir/export/                     the inference export made after the last step
     output_dir/.hydra/                     Hydra's record of the recipe and the command-line overrides
@@ -31,6 +36,9 @@ _TAG = re.compile(r"^step-(\d{8})$")
 # DeepSpeed's names inside a checkpoint directory (`engine.save_checkpoint(root, tag)`).
 _DS_MODULE_STATES = "mp_rank_00_model_states.pt"  # the whole module below ZeRO-3, rank 0's shard at 3
 _DS_OPTIM_STATES = "*_optim_states.pt"  # one per rank under ZeRO >= 1
+_DS_LATEST_UNIVERSAL = "latest_universal"  # written by ds_to_universal beside its output; we pass tags instead
+_DS_UNIVERSAL_PARAMS = "zero"  # universal format: zero/<parameter name>/{fp32,exp_avg,exp_avg_sq,step}.pt
+UNIVERSAL = "universal"
 
 
 def checkpoint_tag(step: int) -> str:
@@ -63,6 +71,29 @@ def module_states_file(checkpoint: Path) -> Path:
 def has_zero_shards(checkpoint: Path) -> bool:
     """Whether DeepSpeed wrote partitioned optimizer states (ZeRO stage >= 1)."""
     return any(checkpoint.glob(_DS_OPTIM_STATES))
+
+
+def universal_dir(checkpoint: Path) -> Path:
+    """Where `checkpoint`'s universal-format copy lives (complete once it exists: it is renamed into place)."""
+    return checkpoint / UNIVERSAL
+
+
+def universal_tmp_dir(checkpoint: Path) -> Path:
+    return checkpoint / f"{UNIVERSAL}.tmp"
+
+
+def latest_universal_file(output_folder: Path) -> Path:
+    """The pointer DeepSpeed's converter writes in its output folder's parent."""
+    return output_folder.parent / _DS_LATEST_UNIVERSAL
+
+
+def is_universal(path: Path) -> bool:
+    return (path / _DS_UNIVERSAL_PARAMS).is_dir()
+
+
+def universal_param_file(universal: Path, name: str) -> Path:
+    """A parameter's fp32 master weights in a universal checkpoint (a dict with the tensor under "param")."""
+    return universal / _DS_UNIVERSAL_PARAMS / name / "fp32.pt"
 
 
 class RunDir:

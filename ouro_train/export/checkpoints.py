@@ -1,9 +1,10 @@
 """Reading a training run (layout: `ouro_train.run_dir`): its model directory and its DeepSpeed checkpoints.
 
 Only checkpoints with a COMPLETE marker count. Weights are consolidated with DeepSpeed's own
-`get_fp32_state_dict_from_zero_checkpoint` (ZeRO 1/2/3, any number of ranks); parameters it does not
-return (frozen LoRA base weights under ZeRO-1, everything under stage 0) come from the rank-0 module
-states file, which holds the whole module below ZeRO-3.
+`get_fp32_state_dict_from_zero_checkpoint` (ZeRO 1/2/3, any number of ranks), or read from a universal
+checkpoint's per-parameter fp32 files (`step-N/universal`, made when a run resumed on another topology);
+parameters neither holds (frozen LoRA base weights under ZeRO-1, everything under stage 0) come from the
+rank-0 module states file, which holds the whole module below ZeRO-3 (a universal checkpoint keeps it).
 """
 
 from __future__ import annotations
@@ -18,7 +19,15 @@ from peft import LoraConfig
 from transformers import AutoTokenizer
 
 from ouro_train.model import OuroConfig
-from ouro_train.run_dir import COMPLETE, RunDir, has_zero_shards, is_complete, module_states_file
+from ouro_train.run_dir import (
+    COMPLETE,
+    RunDir,
+    has_zero_shards,
+    is_complete,
+    is_universal,
+    module_states_file,
+    universal_param_file,
+)
 
 
 class ExportError(ValueError):
@@ -82,7 +91,10 @@ def consolidated_state_dict(checkpoint_dir: Path, expected_keys: Iterable[str]) 
     """The full state dict of the engine's module at `checkpoint_dir`, fp32 master weights where the
     optimizer holds them. `expected_keys` are the module's state-dict keys."""
     state: dict[str, torch.Tensor] = {}
-    if has_zero_shards(checkpoint_dir):  # a ZeRO checkpoint (stage >= 1)
+    if is_universal(checkpoint_dir):
+        files = {k: universal_param_file(checkpoint_dir, k) for k in expected_keys}
+        state = {k: torch.load(f, map_location="cpu", weights_only=False)["param"] for k, f in files.items() if f.is_file()}
+    elif has_zero_shards(checkpoint_dir):  # a ZeRO checkpoint (stage >= 1)
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir.parent), tag=checkpoint_dir.name)

@@ -39,9 +39,36 @@ def batch_geometry(train: TrainConfig, max_seq_len: int, world_size: int) -> Bat
     if sequences % per_pass:
         raise ValueError(
             f"global batch of {sequences} sequences is not a multiple of train.micro_batch_size × world size = "
-            f"{train.micro_batch_size} × {world_size}"
+            f"{train.micro_batch_size} × {world_size}; nearest valid settings: "
+            + nearest_valid_settings(train, max_seq_len, world_size, sequences)
         )
     return BatchGeometry(train.micro_batch_size, world_size, sequences // per_pass)
+
+
+def nearest_valid_settings(train: TrainConfig, max_seq_len: int, world_size: int, sequences: int) -> str:
+    """What would form a whole number of micro-batches per rank: the nearest global batches on this world
+    size, the micro-batch sizes that split this global batch, and the nearest world sizes that do."""
+    per_pass = train.micro_batch_size * world_size
+    below, above = (sequences // per_pass) * per_pass, (sequences // per_pass + 1) * per_pass
+    if train.global_batch_tokens is not None:
+        batches = [f"train.global_batch_tokens={n * max_seq_len}" for n in (below, above) if n]
+    else:
+        batches = [f"train.global_batch_size={n}" for n in (below, above) if n]
+    options = [" or ".join(batches) + f" on {world_size} processes"]
+    micro = [m for m in range(1, sequences // world_size + 1) if sequences % (m * world_size) == 0]
+    if micro:
+        options.append(f"train.micro_batch_size={_nearest(micro, train.micro_batch_size)} on {world_size} processes")
+    worlds = [w for w in range(1, sequences // train.micro_batch_size + 1) if sequences % (w * train.micro_batch_size) == 0]
+    smaller = [w for w in worlds if w < world_size]
+    larger = [w for w in worlds if w > world_size]
+    nearest_worlds = ([max(smaller)] if smaller else []) + ([min(larger)] if larger else [])
+    if nearest_worlds:
+        options.append(" or ".join(map(str, nearest_worlds)) + " processes keeping this batch and micro-batch size")
+    return "; ".join(options)
+
+
+def _nearest(values: list[int], target: int) -> int:
+    return min(values, key=lambda v: (abs(v - target), v))
 
 
 def total_steps(max_steps: int | None, epochs: float, steps_per_epoch: int) -> int:

@@ -4,26 +4,86 @@ A checkpoint is DeepSpeed's `engine.save_checkpoint` plus the `TrainState`: its 
 position, RNG) in one file per rank, its global part with the run's metadata in `trainer_state.json`.
 The `COMPLETE` marker is written last, after every rank has finished: a directory without it (a crash or
 a kill mid-write) is never a resume point, and is deleted when that step is saved again.
+
+Resuming a ZeRO-1/2 checkpoint on another topology (number of processes, ZeRO-1 <-> ZeRO-2, offload)
+loads the checkpoint's universal copy (`train/universal.py`), made once. ZeRO-0 checkpoints load on any
+number of processes as they are; ZeRO-3 ones only on their own topology (see `needs_universal`). The loader position is counted over all ranks and carries over
+exactly; on another number of processes the per-rank RNG streams cannot (no new rank continues an old
+rank's stream), so they are re-seeded from (seed, step, rank).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from ouro_train.config import DeepSpeedConfig
 from ouro_train.run_dir import (
     COMPLETE,
+    UNIVERSAL,
     RunDir,
     checkpoint_tag,
     is_complete,
     rank_state_file,
     trainer_state_file,
 )
-from ouro_train.train.state import PER_RANK, TrainState
+from ouro_train.train.state import PER_RANK, TrainState, reseed_rng
+
+
+@dataclass(frozen=True)
+class Topology:
+    """How a run's states are laid out over processes: what a plain DeepSpeed load needs unchanged."""
+
+    world_size: int
+    zero_stage: int
+    offload_optimizer: bool
+    offload_params: bool
+
+    @classmethod
+    def of(cls, world_size: int, ds: DeepSpeedConfig) -> "Topology":
+        return cls(world_size, ds.zero_stage, ds.offload_optimizer, ds.offload_params)
+
+    @classmethod
+    def of_checkpoint(cls, path: Path) -> "Topology":
+        saved = json.loads(trainer_state_file(path).read_text())
+        ds = saved["config"]["deepspeed"]
+        return cls(saved["world_size"], ds["zero_stage"], ds["offload_optimizer"], ds["offload_params"])
+
+    def __str__(self) -> str:
+        offload = [name for name in ("offload_optimizer", "offload_params") if getattr(self, name)]
+        return f"{self.world_size} processes, ZeRO-{self.zero_stage}" + "".join(f", {o}" for o in offload)
+
+
+def needs_universal(path: Path, run: Topology) -> bool:
+    """Whether resuming `path` on `run` goes through the universal format (False: DeepSpeed's plain load).
+    Raises, before anything is loaded, where neither can work."""
+    saved = Topology.of_checkpoint(path)
+    if saved == run:
+        return False
+    if saved.zero_stage == 0 and run.zero_stage == 0:
+        return False  # no partitioning: every rank holds the whole optimizer state, any world size loads it
+    if 0 in (saved.zero_stage, run.zero_stage):
+        raise RuntimeError(
+            f"{path} was written with {saved}; this run has {run}. DeepSpeed's universal format converts "
+            f"between ZeRO stages 1-3 only: resume with deepspeed.zero_stage="
+            f"{saved.zero_stage if saved.zero_stage == 0 else '1 or 2'}"
+        )
+    if 3 in (saved.zero_stage, run.zero_stage):
+        # DeepSpeed 0.19.8: a universal copy of a ZeRO-3 checkpoint does not load under ZeRO-1/2, one of
+        # ZeRO-1/2 does not load under ZeRO-3, and a ZeRO-3 engine that loads one continues the trajectory
+        # only approximately (its optimizer states are exact, the losses drift from the second step on).
+        raise RuntimeError(
+            f"{path} was written with {saved}; this run has {run}. A ZeRO-3 run resumes exactly only on the "
+            f"topology it was written with: resume with {saved.world_size} processes and "
+            f"deepspeed.zero_stage={saved.zero_stage}. ZeRO-1/2 checkpoints resume on any number of processes "
+            "under ZeRO-1 or ZeRO-2."
+        )
+    return True
 
 
 def resolve_resume(resume: str, run_dir: RunDir) -> Path | None:
@@ -59,17 +119,19 @@ def save(engine, run_dir: RunDir, state: TrainState, metadata: dict, keep_last: 
     return path
 
 
-def load(engine, path: Path, state: TrainState) -> dict:
-    """Restore the engine and `state` from `path`; returns the checkpoint's trainer_state.json."""
+def load(engine, path: Path, state: TrainState, *, universal: bool, seed: int) -> dict:
+    """Restore the engine and `state` from `path`; returns the checkpoint's trainer_state.json.
+    `universal`: from `path/universal` (made by `universal.ensure_universal`), on another topology."""
     saved = json.loads(trainer_state_file(path).read_text())
-    if saved["world_size"] != dist.get_world_size():
-        raise RuntimeError(
-            f"{path} was written by {saved['world_size']} processes; this run has "
-            f"{dist.get_world_size()}: resume with the same number of processes"
-        )
-    loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=True)
+    root, tag = (path, UNIVERSAL) if universal else (path.parent, path.name)
+    loaded, _ = engine.load_checkpoint(str(root), tag=tag, load_module_strict=True)
     if loaded is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}")
-    per_rank = torch.load(rank_state_file(path, dist.get_rank()), weights_only=False)
-    state.load_state_dict({**saved, **per_rank})
+    rank = dist.get_rank()
+    if saved["world_size"] == dist.get_world_size():
+        state.load_state_dict({**saved, **torch.load(rank_state_file(path, rank), weights_only=False)})
+    else:  # every rank saved the same global loader position; the RNG streams start afresh
+        per_rank = torch.load(rank_state_file(path, 0), weights_only=False)
+        state.load_state_dict({**saved, "loader": per_rank["loader"]})
+        reseed_rng(seed, state.step, rank)
     return saved

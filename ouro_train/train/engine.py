@@ -24,8 +24,10 @@ def bf16_enabled(cfg: DeepSpeedConfig) -> bool:
 
 
 def build_ds_config(
-    ds: DeepSpeedConfig, optim: OptimConfig, *, micro_batch: int, grad_accum: int, world_size: int
+    ds: DeepSpeedConfig, optim: OptimConfig, *, micro_batch: int, grad_accum: int, world_size: int,
+    load_universal: bool = False,
 ) -> dict:
+    """`load_universal`: the engine will resume from a universal checkpoint (another topology's)."""
     on_gpu = torch.cuda.is_available()
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.zero_stage >= 1:
@@ -56,6 +58,7 @@ def build_ds_config(
                 **({} if on_gpu or ds.offload_optimizer else {"torch_adam": True}),
             },
         },
+        "checkpoint": {"load_universal": load_universal},
         "steps_per_print": 10**12,  # progress is ours
         "wall_clock_breakdown": False,
     }
@@ -90,7 +93,8 @@ def _merge(base: dict, extra: dict) -> dict:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only: norms, biases and other vectors are not decayed."""
+    """Weight decay on matrices only: norms, biases and other vectors are not decayed. (A model built
+    under ZeRO-3 holds empty partitions: its real shape is `ds_shape`.)"""
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:

@@ -42,7 +42,8 @@ class TrainState:
         self.bad_steps_total = state["bad_steps_total"]
         self.bad_steps_in_row = state.get("bad_steps_in_row", 0)  # checkpoints before it was saved: 0
         self.loader.load_state_dict(state["loader"])
-        set_rng_state(state["rng"])
+        if "rng" in state:  # absent on a resume on another topology: see `reseed_rng`
+            set_rng_state(state["rng"])
 
 
 def rng_state() -> dict[str, Any]:
@@ -50,6 +51,16 @@ def rng_state() -> dict[str, Any]:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
+
+
+def reseed_rng(seed: int, step: int, rank: int) -> None:
+    """Fresh RNG streams for `rank` from `step` on, distinct per (seed, step, rank): what a resume on
+    another number of processes uses, since no new rank continues an old rank's stream."""
+    words = np.random.SeedSequence([seed, step, rank]).generate_state(2)
+    value = int(words[0]) << 32 | int(words[1])
+    random.seed(value)
+    np.random.seed(int(words[0]))
+    torch.manual_seed(value)  # every device's generator
 
 
 def set_rng_state(state: dict[str, Any]) -> None:

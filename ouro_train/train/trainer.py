@@ -6,7 +6,9 @@ Set-up (the config's values were checked when it was composed; what needs the wo
 file system is checked here before the model is built):
   process group -> batch geometry -> tokenizer -> data (rank 0 prepares the cache, the others reuse it)
   -> model (pretrained or random; activation checkpointing) -> LoRA / gate freezing -> DeepSpeed engine
-  -> `output_dir/model/` (config, tokenizer, adapter config) -> resume from the newest complete checkpoint.
+  -> `output_dir/model/` (config, tokenizer, adapter config) -> resume from the newest complete checkpoint
+  (written on another number of processes or ZeRO stage: through its universal copy, `train/universal.py`;
+  whether it is needed is known before the engine is built, since DeepSpeed's config says so).
 
 One optimizer step:
   take `grad_accum` micro-batches; all-reduce their supervised-token count N over the ranks; for each
@@ -14,6 +16,8 @@ One optimizer step:
   divides by grad_accum and averages over ranks, so the gradient is that of Σ token losses / N: the
   result does not depend on how the batch is split); `engine.step()`; log; evaluate; checkpoint.
 
+Checkpoints every `checkpoint.every_n_steps` and, with `checkpoint.every_n_minutes`, when any rank's clock
+says so (one all-reduce with the stop flag below, so every rank saves the same step).
 SIGTERM / SIGINT: finish the current step, save a checkpoint, exit 0. A non-finite loss: the step is
 not applied (DeepSpeed skips a step whose gradient norm is not finite) and counted; `max_bad_steps` in a
 row stops the run with an error.
@@ -54,6 +58,7 @@ from ouro_train.train.lora import apply_lora, count_parameters
 from ouro_train.train.metrics import MetricsLogger
 from ouro_train.train.objectives import compute_objective
 from ouro_train.train.state import TrainState
+from ouro_train.train.universal import ensure_universal
 
 
 class StopTraining(RuntimeError):
@@ -74,8 +79,12 @@ class Trainer:
         self._check_model_path()
         self.geometry = batch_geometry(cfg.train, cfg.data.max_seq_len, self.world)
         self.grad_accum = self.geometry.grad_accum
+        self.topology = checkpoint.Topology.of(self.world, cfg.deepspeed)
+        self.resume_from = checkpoint.resolve_resume(cfg.resume, self.run_dir)
+        self._universal = self.resume_from is not None and checkpoint.needs_universal(self.resume_from, self.topology)
         self._ds_config = build_ds_config(cfg.deepspeed, cfg.optim, micro_batch=cfg.train.micro_batch_size,
-                                          grad_accum=self.grad_accum, world_size=self.world)
+                                          grad_accum=self.grad_accum, world_size=self.world,
+                                          load_universal=self._universal)
         torch.manual_seed(cfg.seed + self.rank)
 
         self.tokenizer = load_tokenizer(cfg.model, cfg.data.cache_dir)
@@ -104,6 +113,7 @@ class Trainer:
             wandb_cfg=cfg.wandb, run_config=to_plain_dict(cfg),
         )
         self._stop_signal: int | None = None
+        self._last_save = time.monotonic()  # checkpoint.every_n_minutes counts from here
 
     # ----------------------------------------------------------------------------------- set-up
     def _log(self, message: str) -> None:
@@ -184,10 +194,20 @@ class Trainer:
             self.run_dir.base_model_file.write_text(json.dumps({"path": path}))
 
     def _resume(self) -> None:
-        path = checkpoint.resolve_resume(self.cfg.resume, self.run_dir)
-        if path is not None:
-            checkpoint.load(self.engine, path, self.state)
-            self._log(f"resumed from {path} at step {self.state.step}")
+        path = self.resume_from
+        if path is None:
+            return
+        if self._universal:
+            ensure_universal(path, log=self._log)
+        checkpoint.load(self.engine, path, self.state, universal=self._universal, seed=self.cfg.seed)
+        self._log(f"resumed from {path} at step {self.state.step}")
+        saved = checkpoint.Topology.of_checkpoint(path)
+        if saved != self.topology:
+            rng = ("the per-rank RNG streams (dropout) cannot be carried over to another number of processes and "
+                   "are re-seeded from seed, step and rank" if saved.world_size != self.world else
+                   "so do the per-rank RNG streams")
+            self._log(f"the checkpoint was written with {saved}, this run has {self.topology}: weights, optimizer, "
+                      f"schedule and data position continue exactly; {rng}")
 
     # ----------------------------------------------------------------------------------- loop
     def _micro_batches(self) -> Iterator[dict]:
@@ -224,8 +244,8 @@ class Trainer:
                 )
             if self._has_eval and c.eval.every_n_steps and state.step % c.eval.every_n_steps == 0:
                 self.evaluate()
-            stop = self._stop_requested()
-            if stop or state.step == self.total_steps or state.step % c.checkpoint.every_n_steps == 0:
+            stop, clock_due = self._collective_flags()
+            if stop or clock_due or state.step == self.total_steps or state.step % c.checkpoint.every_n_steps == 0:
                 self.save()
             if stop:
                 self._log(f"stopped by signal {self._stop_signal} after step {state.step}; checkpoint saved")
@@ -286,15 +306,21 @@ class Trainer:
         out = self.engine(**kwargs, use_cache=False, compute_logits=False)
         return compute_objective(self.cfg.objective, out, mb["labels"].to(self.device), self.lm_head)
 
-    def _stop_requested(self) -> bool:
-        flag = self._all_reduce(torch.tensor([1 if self._stop_signal is not None else 0]), dist.ReduceOp.MAX)
-        if flag.item() and self._stop_signal is None:
+    def _collective_flags(self) -> tuple[bool, bool]:
+        """(a rank was signalled to stop, a rank's clock says a checkpoint is due), the same on every rank:
+        one all-reduce, so all ranks save on the same step."""
+        minutes = self.cfg.checkpoint.every_n_minutes
+        clock_due = minutes is not None and time.monotonic() - self._last_save >= 60 * minutes
+        flags = self._all_reduce(torch.tensor([self._stop_signal is not None, clock_due], dtype=torch.int32),
+                                 dist.ReduceOp.MAX)
+        stop, clock_due = bool(flags[0].item()), bool(flags[1].item())
+        if stop and self._stop_signal is None:
             self._stop_signal = signal.SIGTERM  # another rank was signalled
-        return bool(flag.item())
+        return stop, clock_due
 
     def _all_reduce(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
         """All-reduce a small host tensor (NCCL needs it on the GPU); returns it on the host."""
-        moved = tensor.to(self.device)
+        moved = tensor.to(self.device, copy=True)  # on the CPU, `to` would return the tensor itself
         dist.all_reduce(moved, op=op)
         return moved.cpu()
 
@@ -346,5 +372,7 @@ class Trainer:
 
     def save(self) -> Path:
         metadata = {"world_size": self.world, "total_steps": self.total_steps, "config": to_plain_dict(self.cfg)}
-        return checkpoint.save(self.engine, self.run_dir, self.state, metadata, keep_last=self.cfg.checkpoint.keep_last)
+        path = checkpoint.save(self.engine, self.run_dir, self.state, metadata, keep_last=self.cfg.checkpoint.keep_last)
+        self._last_save = time.monotonic()
+        return path
 

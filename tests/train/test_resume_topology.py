@@ -1,0 +1,198 @@
+"""Resume on another topology: a run checkpointed at step 4 and continued on another number of processes
+or ZeRO-1 <-> ZeRO-2 takes the uninterrupted run's steps 5-8 (the global batch is fixed, and an optimizer step
+does not depend on how the batch is split), on the same rows. Kills inside a save or a conversion leave
+nothing that is picked up, and the same command then resumes.
+
+One 2-process ZeRO-2 run of 8 steps (checkpoints at 4 and 8) is the reference for every test; a 1-process
+run of the same recipe records which rows each step trains on and is the source of the 1 -> 2 test.
+"""
+
+import math
+import shutil
+import subprocess
+import sys
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO_ROOT
+from train_helpers import ENV, compose_run, metrics, run_train
+from ouro_train.config import TrainConfig
+from ouro_train.export.export import export_run
+from ouro_train.run_dir import RunDir, is_complete, universal_dir, universal_tmp_dir
+from ouro_train.train import checkpoint, universal
+from ouro_train.train.batch import batch_geometry
+from ouro_train.train.trainer import Trainer
+
+TIMEOUT = 900
+RUN = ("max_steps=8", "checkpoint.every_n_steps=4", "checkpoint.keep_last=0", "data.max_seq_len=128",
+       "wandb.mode=disabled", "export_at_end=false")
+
+
+def overrides(output_dir, cache, *extra):
+    return (f"output_dir={output_dir}", f"data.cache_dir={cache}", *RUN, *extra)
+
+
+class RowRecorder(Trainer):
+    """Records the rows each optimizer step trains on, by content (row indices are the code's own)."""
+
+    def _forward(self, mb):
+        if not hasattr(self, "rows"):
+            self.rows = defaultdict(Counter)
+        for row in mb["input_ids"]:
+            self.rows[self.state.step + 1][hash(tuple(row.tolist()))] += 1
+        return super()._forward(mb)
+
+
+def rows_of(rows, steps):
+    return sum((rows[s] for s in steps), Counter())
+
+
+def assert_same_trajectory(run_dir, reference_dir, steps=range(5, 9)):
+    got, reference = metrics(run_dir), metrics(reference_dir)
+    assert sorted(got) == list(steps)
+    for step in steps:
+        assert got[step]["supervised_tokens"] == reference[step]["supervised_tokens"], step
+        assert math.isclose(got[step]["loss"], reference[step]["loss"], rel_tol=1e-5), (step, got[step], reference[step])
+        assert got[step]["lr"] == pytest.approx(reference[step]["lr"], rel=1e-12)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("data-cache")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, cache):
+    """The uninterrupted 2-process ZeRO-2 run."""
+    out = tmp_path_factory.mktemp("two-processes")
+    run_train(*overrides(out, cache, "deepspeed=zero2"), nproc=2, timeout=TIMEOUT)
+    return out
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, cache):
+    """The same run on one process, recording its rows: (output_dir, rows by step)."""
+    out = tmp_path_factory.mktemp("one-process")
+    trainer = RowRecorder(compose_run(*overrides(out, cache, "deepspeed=zero2")))
+    trainer.train()
+    return out, trainer.rows
+
+
+def test_one_process_is_the_same_trajectory(reference, single):
+    assert_same_trajectory(single[0], reference, steps=range(1, 9))
+
+
+def test_two_processes_to_one_continues_the_trajectory_on_the_same_rows(reference, single, cache, tmp_path, capsys):
+    step4 = RunDir(reference).checkpoint(4)
+    trainer = RowRecorder(compose_run(*overrides(tmp_path, cache, "deepspeed=zero2", f"resume={step4}")))
+    assert trainer.state.step == 4
+    trainer.train()
+    assert_same_trajectory(tmp_path, reference)
+    assert rows_of(trainer.rows, range(5, 9)) == rows_of(single[1], range(5, 9))
+    log = capsys.readouterr().out
+    assert "2 processes, ZeRO-2, this run has 1 processes, ZeRO-2" in log and "RNG streams" in log
+
+    converted = universal_dir(step4)
+    assert is_complete(converted) and not universal_tmp_dir(step4).exists()
+    made = (converted / "COMPLETE").stat().st_mtime_ns
+    universal.ensure_universal(step4)  # a second resume reuses the conversion
+    assert (converted / "COMPLETE").stat().st_mtime_ns == made
+
+
+def test_one_process_to_two_continues_the_trajectory_and_saves_on_the_clock(reference, single, cache, tmp_path):
+    """Also `checkpoint.every_n_minutes`: a tiny interval is due after every step, on both ranks together."""
+    step4 = RunDir(single[0]).checkpoint(4)
+    run_train(*overrides(tmp_path, cache, "deepspeed=zero2", f"resume={step4}", "checkpoint.every_n_minutes=1e-9"),
+              nproc=2, timeout=TIMEOUT)
+    assert_same_trajectory(tmp_path, reference)
+    assert [checkpoint_step.name for checkpoint_step in RunDir(tmp_path).complete_checkpoints()] == [
+        f"step-0000000{s}" for s in range(5, 9)]
+
+
+def test_zero2_to_zero1_continues_the_trajectory_on_the_same_rows(single, cache, tmp_path):
+    step4 = RunDir(single[0]).checkpoint(4)
+    trainer = RowRecorder(compose_run(*overrides(tmp_path, cache, "deepspeed=zero1", f"resume={step4}")))
+    trainer.train()
+    assert_same_trajectory(tmp_path, single[0])
+    assert rows_of(trainer.rows, range(5, 9)) == rows_of(single[1], range(5, 9))
+
+
+def test_lora_resumes_on_another_zero_stage(cache, tmp_path):
+    """Adapters and their optimizer states through the universal format; the frozen base is the recipe's."""
+    lora = ("lora.enabled=true", "lora.modules_to_save=[early_exit_gate]")
+    Trainer(compose_run(*overrides(tmp_path / "straight", cache, "deepspeed=zero2", *lora))).train()
+    step4 = RunDir(tmp_path / "straight").checkpoint(4)
+    Trainer(compose_run(*overrides(tmp_path / "resumed", cache, "deepspeed=zero1", f"resume={step4}", *lora))).train()
+    assert_same_trajectory(tmp_path / "resumed", tmp_path / "straight")
+    assert is_complete(universal_dir(step4))
+
+
+def test_zero3_on_another_topology_is_refused_before_anything_is_loaded(reference, cache, tmp_path):
+    """DeepSpeed 0.19.8's universal load under ZeRO-3 does not continue the trajectory exactly."""
+    step4 = RunDir(reference).checkpoint(4)
+    with pytest.raises(RuntimeError, match="resume with 2 processes and deepspeed.zero_stage=2"):
+        Trainer(compose_run(*overrides(tmp_path, tmp_path / "cache", "deepspeed=zero3", f"resume={step4}")))
+    assert not (tmp_path / "cache").exists()
+
+
+def kill_at_save(directory: Path, count: int, *args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(Path(__file__).with_name("kill_hook.py")), str(directory), str(count),
+               "--config-name", "smoke", *args]
+    return subprocess.run(command, env=ENV, cwd=REPO_ROOT, capture_output=True, text=True, timeout=TIMEOUT)
+
+
+def test_a_kill_inside_the_conversion_leaves_nothing_and_the_same_command_resumes(reference, cache, tmp_path):
+    source = tmp_path / "source"
+    shutil.copytree(RunDir(reference).checkpoint(4), source / "step-00000004", ignore=shutil.ignore_patterns("universal*"))
+    step4 = source / "step-00000004"
+    command = overrides(tmp_path / "run", cache, "deepspeed=zero2", f"resume={step4}")
+    killed = kill_at_save(universal_tmp_dir(step4), 5, *command)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert universal_tmp_dir(step4).exists() and not universal_dir(step4).exists()
+
+    run_train(*command, timeout=TIMEOUT)
+    assert is_complete(universal_dir(step4)) and not universal_tmp_dir(step4).exists()
+    assert_same_trajectory(tmp_path / "run", reference)
+
+
+def test_a_kill_inside_a_save_leaves_nothing_and_the_same_command_resumes(single, cache, tmp_path):
+    command = overrides(tmp_path, cache, "deepspeed=zero2", "checkpoint.every_n_steps=2")
+    step4 = RunDir(tmp_path).checkpoint(4)
+    killed = kill_at_save(step4, 2, *command)  # after DeepSpeed's first file of the step-4 save
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert step4.is_dir() and not is_complete(step4)
+    assert checkpoint.resolve_resume("auto", RunDir(tmp_path)) == RunDir(tmp_path).checkpoint(2)
+
+    run_train(*command, timeout=TIMEOUT)
+    assert is_complete(step4)
+    assert_same_trajectory(tmp_path, single[0], steps=range(1, 9))
+
+
+def test_export_reads_the_universal_checkpoint_like_the_original(reference, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(reference, run, ignore=shutil.ignore_patterns("universal*"))
+    step4 = RunDir(run).checkpoint(4)
+    universal.convert(step4)
+    original = load_file(export_run(run, tmp_path / "original", checkpoint=step4, dtype="fp32") / "model.safetensors")
+    converted = load_file(export_run(run, tmp_path / "universal", checkpoint=universal_dir(step4), dtype="fp32")
+                          / "model.safetensors")
+    assert original.keys() == converted.keys()
+    for key in original:
+        torch.testing.assert_close(converted[key], original[key], rtol=0, atol=0, msg=key)
+
+
+def test_a_batch_the_new_world_cannot_form_fails_before_anything_is_loaded(reference, cache, tmp_path):
+    step8 = RunDir(reference).checkpoint(8)
+    with pytest.raises(ValueError, match="nearest valid settings: train.global_batch_size=2 or train.global_batch_size=4"):
+        Trainer(compose_run(*overrides(tmp_path, tmp_path / "cache", f"resume={step8}", "train.global_batch_size=3")))
+    assert not universal_dir(step8).exists() and not (tmp_path / "cache").exists()
+
+    # 128 rows on 48 GPUs with micro-batches of 1 (the issue's example).
+    with pytest.raises(ValueError) as e:
+        batch_geometry(TrainConfig(micro_batch_size=1, global_batch_size=128), 512, 48)
+    assert ("train.global_batch_size=96 or train.global_batch_size=144 on 48 processes; "
+            "32 or 64 processes keeping this batch and micro-batch size") in str(e.value)
