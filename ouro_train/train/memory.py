@@ -31,7 +31,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ouro_train.config import DeepSpeedConfig, LoraConfig, Objective, ObjectiveConfig, RunConfig
+from ouro_train.config import DeepSpeedConfig, LoraConfig, ModelInit, Objective, ObjectiveConfig, RunConfig
 from ouro_train.model import OuroConfig, OuroForCausalLM
 from ouro_train.model.configuration import RELEASED_ARCHITECTURES
 from ouro_train.train.lora import apply_lora
@@ -220,14 +220,18 @@ CHECKPOINTING_BY_COST = ("none", "layer", "step", "step+layer")
 
 
 def planned_model_config(run: RunConfig) -> OuroConfig:
-    """The architecture a run trains: `plan.model_size`, else model.path's config.json, else Ouro-1.4B;
-    `model.config_overrides` on top."""
+    """The architecture a run trains: `plan.model_size` when set, else the one the trainer would build
+    (model.path's config.json, or the class defaults for `model.init=random`), else Ouro-1.4B (a
+    recipe planned before its checkpoint is at hand); `model.config_overrides` on top."""
     m = run.model
-    if run.plan.model_size is None and m.path and Path(m.path, "config.json").exists():
+    if run.plan.model_size is not None:
+        config = OuroConfig(**{**RELEASED_ARCHITECTURES[run.plan.model_size.value], **m.config_overrides})
+    elif m.path and Path(m.path, "config.json").exists():
         config = OuroConfig.from_pretrained(m.path, **m.config_overrides)
+    elif m.init == ModelInit.random:
+        config = OuroConfig(**m.config_overrides)
     else:
-        size = run.plan.model_size.value if run.plan.model_size else "1.4b"
-        config = OuroConfig(**{**RELEASED_ARCHITECTURES[size], **m.config_overrides})
+        config = OuroConfig(**{**RELEASED_ARCHITECTURES["1.4b"], **m.config_overrides})
     config._attn_implementation = m.attn_implementation.value
     return config
 
@@ -253,7 +257,7 @@ def choose_checkpointing(run: RunConfig, config: OuroConfig, world_size: int, gp
 
 def longest_seq_len(config: OuroConfig, run: RunConfig, checkpointing: str, world_size: int, gpu_gib: float,
                     at: dict[str, int]) -> int:
-    """The longest max_seq_len (a multiple of 1024) whose peak fits `gpu_gib`. Every activation grows
+    """The longest max_seq_len (a multiple of 256) whose peak fits `gpu_gib`. Every activation grows
     linearly with the length (flash attention keeps O(S) per query; the loss is chunked), so the peak
     traced at the configured length (`at`) and at half of it fixes the line."""
     seq = run.data.max_seq_len
@@ -262,4 +266,4 @@ def longest_seq_len(config: OuroConfig, run: RunConfig, checkpointing: str, worl
     if per_token <= 0:
         return seq
     longest = seq + ((gpu_gib - CONTEXT_RESERVE_GIB) * GIB - at["peak"]) / per_token
-    return max(0, int(longest) // 1024 * 1024)
+    return max(0, int(longest) // 256 * 256)
