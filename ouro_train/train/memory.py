@@ -54,9 +54,11 @@ class StepShape:
     bf16: bool = True
 
 
-def step_memory(config: OuroConfig, shape: StepShape, ds: DeepSpeedConfig, world_size: int) -> dict[str, int]:
+def step_memory(config: OuroConfig, shape: StepShape, ds: DeepSpeedConfig, world_size: int,
+                activations: int | None = None) -> dict[str, int]:
     """Bytes per GPU by component, and `peak`: model states + the larger of the activation peak
-    (forward + backward) and the optimizer step's fp32 gradient partition."""
+    (forward + backward) and the optimizer step's fp32 gradient partition. `activations` reuses the
+    result of an earlier call with the same shape and ZeRO stage (the trace does not depend on the world size)."""
     model = build_fake_free_model(config, shape)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
@@ -65,9 +67,10 @@ def step_memory(config: OuroConfig, shape: StepShape, ds: DeepSpeedConfig, world
     # Below stage 2 every gradient is kept whole, so it appears during backward while activations are
     # freed: trace them together. From stage 2 on they pass through a preallocated partition.
     whole_grads = ds.zero_stage < 2
-    activations = activation_peak_bytes(model, shape, keep_grads=whole_grads)
-    if whole_grads:
-        activations = max(0, activations - states["gradients"])
+    if activations is None:
+        activations = activation_peak_bytes(model, shape, keep_grads=whole_grads)
+        if whole_grads:
+            activations = max(0, activations - states["gradients"])
     step_temporaries = 4 * _shard(trainable, world_size if ds.zero_stage >= 1 else 1) if shape.bf16 else 0
     states["activations"] = activations
     states["peak"] = sum(states.values()) - activations + max(activations, step_temporaries)
