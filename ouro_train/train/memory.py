@@ -38,8 +38,8 @@ from ouro_train.train.lora import apply_lora
 
 GIB = 2**30
 ADAM_MOMENTS = 2
-# Stage 3 keeps at least one decoder layer gathered while it runs and prefetches the next one.
-ZERO3_GATHERED_LAYERS = 2
+# Stage 3 gathers the module that runs and prefetches the next; sized as the largest (embedding, head).
+ZERO3_GATHERED_MODULES = 2
 
 
 @dataclass(frozen=True)
@@ -59,11 +59,11 @@ def step_memory(config: OuroConfig, shape: StepShape, ds: DeepSpeedConfig, world
     """Bytes per GPU by component, and `peak`: model states + the larger of the activation peak
     (forward + backward) and the optimizer step's fp32 gradient partition. `activations` reuses the
     result of an earlier call with the same shape and ZeRO stage (the trace does not depend on the world size)."""
-    model = build_fake_free_model(config, shape)
+    model = meta_model(config, shape)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    largest_layer = max(p.numel() for p in model.parameters())  # embedding / head: the largest gathered module
-    states = model_state_bytes(total, trainable, largest_layer, ds, world_size, shape.bf16)
+    largest_module = max(p.numel() for p in model.parameters())  # embedding / head: the largest gathered module
+    states = model_state_bytes(total, trainable, largest_module, ds, world_size, shape.bf16)
     # Below stage 2 every gradient is kept whole, so it appears during backward while activations are
     # freed: trace them together. From stage 2 on they pass through a preallocated partition.
     whole_grads = ds.zero_stage < 2
@@ -77,12 +77,12 @@ def step_memory(config: OuroConfig, shape: StepShape, ds: DeepSpeedConfig, world
     return states
 
 
-def model_state_bytes(total: int, trainable: int, largest_layer: int, ds: DeepSpeedConfig, world_size: int,
+def model_state_bytes(total: int, trainable: int, largest_module: int, ds: DeepSpeedConfig, world_size: int,
                       bf16: bool) -> dict[str, int]:
     """DeepSpeed ZeRO's per-rank model states (bytes) for `total` parameters of which `trainable` train."""
     stage, n = ds.zero_stage, world_size
     weight_bytes = 2 if bf16 else 4
-    params = weight_bytes * (_shard(total, n) + ZERO3_GATHERED_LAYERS * largest_layer if stage == 3 else total)
+    params = weight_bytes * (_shard(total, n) + ZERO3_GATHERED_MODULES * largest_module if stage == 3 else total)
     grads = weight_bytes * (_shard(trainable, n) + min(ds.reduce_bucket_size, trainable) if stage >= 2 else trainable)
     master = 4 * trainable if bf16 else 0  # fp32 copy of the trained weights
     moments = 4 * ADAM_MOMENTS * trainable
@@ -90,7 +90,7 @@ def model_state_bytes(total: int, trainable: int, largest_layer: int, ds: DeepSp
     if ds.offload_optimizer:
         optimizer = 0
     if ds.offload_params:
-        params = weight_bytes * ZERO3_GATHERED_LAYERS * largest_layer
+        params = weight_bytes * ZERO3_GATHERED_MODULES * largest_module
     return {"parameters": params, "gradients": grads, "optimizer": optimizer}
 
 
@@ -98,7 +98,7 @@ def _shard(count: int, world_size: int) -> int:
     return math.ceil(count / world_size)
 
 
-def build_fake_free_model(config: OuroConfig, shape: StepShape) -> nn.Module:
+def meta_model(config: OuroConfig, shape: StepShape) -> nn.Module:
     """The model of the step on the meta device: shapes and parameter counts, no memory."""
     with torch.device("meta"):
         model = OuroForCausalLM(config).to(torch.bfloat16 if shape.bf16 else torch.float32)
