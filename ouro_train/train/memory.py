@@ -14,6 +14,11 @@
   gradients (plus the reduce bucket they pass through), stage 3 also the parameters (plus the layers
   being gathered). Offloaded states live in host memory and are left out of the GPU figure.
 
+Known over-count (ZeRO-2/3): in the fake trace a parameter's gradient stays alive after
+`_drop_grad` releases it (seen with a 1024² linear layer: one weight-sized storage left live), so
+the activation figure can include up to one copy of the gradients (2.7 GiB for Ouro-1.4B in bf16):
+an upper bound until that is found. `tests/cuda` compares against the measured peak.
+
 Not counted: the CUDA context and cuBLAS/NCCL workspaces (outside torch's allocator, ~1 GiB) and the
 caching allocator's fragmentation; `torch.cuda.max_memory_allocated` does not count them either.
 """
