@@ -35,16 +35,17 @@ from ouro_train.train.objectives import compute_objective
 VARIANTS = ("baseline", "ours", "ours_lora")
 
 
+def checkpointing(variant: str, seq: int) -> str:
+    return "layer" if variant == "baseline" or seq <= 8192 else "step+layer"
+
+
 def build_engine(args, variant: str, seq: int):
     import deepspeed
 
     config = bench_config(args.shape, args.steps, seq)
     torch.manual_seed(0)
     model = OuroForCausalLM(config)
-    if variant == "baseline":
-        model.set_activation_checkpointing("layer")
-    else:
-        model.set_activation_checkpointing("layer" if seq <= 8192 else "step+layer")
+    model.set_activation_checkpointing(checkpointing(variant, seq))
     if variant == "ours_lora":
         model = apply_lora(model, LoraConfig(enabled=True, r=16, alpha=32, dropout=0.0))
     ds = build_ds_config(DeepSpeedConfig(zero_stage=2), OptimConfig(lr=1e-5), micro_batch=1, grad_accum=1,
@@ -68,7 +69,7 @@ def step_fn(engine, variant: str, batch, device):
 
 def measure(args, variant: str, seq: int) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    result = dict(variant=variant, seq=seq)
+    result = dict(variant=variant, seq=seq, checkpointing=checkpointing(variant, seq))
     try:
         engine, config = build_engine(args, variant, seq)
         batch = packed_row(seq, config.vocab_size, torch.Generator().manual_seed(seq))
@@ -103,6 +104,7 @@ def main() -> None:
     p.add_argument("--shape", choices=sorted(SHAPES), default="1.4b" if on_gpu else "tiny")
     p.add_argument("--seq", type=int, nargs="+", default=[4096, 8192, 16384, 32768] if on_gpu else [256, 512])
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument("--lora-seq", type=int, nargs="+", help="run ours_lora only at these lengths (default: every --seq)")
     p.add_argument("--steps", type=int, default=4, help="recurrent steps T")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=3)
@@ -111,7 +113,8 @@ def main() -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if on_gpu else "cpu")
     init_distributed()
 
-    results = [measure(args, v, seq) for seq in args.seq for v in args.variants]
+    results = [measure(args, v, seq) for seq in args.seq for v in args.variants
+               if v != "ours_lora" or args.lora_seq is None or seq in args.lora_seq]
     baseline = {r["seq"]: r.get("tok_per_s") for r in results if r["variant"] == "baseline"}
     for r in results:
         if r.get("tok_per_s") and baseline.get(r["seq"]):

@@ -94,9 +94,11 @@ def train() -> None:
         try:
             run = to_object(cfg)
             if run.dry_run:
-                from ouro_train.train.plan import compute_plan, format_compute_plan
+                from ouro_train.train.plan import compute_plan, format_compute_plan, write_plan
 
-                print(format_compute_plan(compute_plan(run)))
+                plan = compute_plan(run)
+                print(format_compute_plan(plan))
+                print(f"(written to {write_plan(plan, run.output_dir)})")
                 return
             _train_and_export(run)
         except (DataError, StopTraining, ValueError) as e:

@@ -66,9 +66,13 @@ class Overlong(Enum):
 
 
 # Activation checkpointing granularity (the model's `set_activation_checkpointing` argument): `step`
-# recomputes each recurrent step, `step+layer` also each layer inside it. Functional form: the member
-# names are the values Hydra reads from a recipe, and `step+layer` is no Python identifier.
-Checkpointing = Enum("Checkpointing", {name: name for name in ("none", "layer", "step", "step+layer")})
+# recomputes each recurrent step, `step+layer` also each layer inside it; `auto` is resolved before the
+# model is built to the cheapest one whose estimated peak fits the GPU (train/memory.py). Functional
+# form: the member names are the values Hydra reads from a recipe, and `step+layer` is no identifier.
+Checkpointing = Enum("Checkpointing", {name: name for name in ("none", "layer", "step", "step+layer", "auto")})
+
+# Released architectures the compute plan can size without a checkpoint (ouro_train.model.configuration).
+ModelSize = Enum("ModelSize", {name: name for name in ("1.4b", "2.6b")})
 
 
 class AttnImplementation(Enum):
@@ -98,9 +102,11 @@ class ModelConfig:
     tokenizer: Optional[str] = None
     # Config fields set over model.path's config (or the class defaults), e.g. a tiny model for CI.
     config_overrides: Dict[str, Any] = field(default_factory=dict)
-    # Activation checkpointing: none | layer | step | step+layer (step+layer for long sequences).
+    # Activation checkpointing: none | layer | step | step+layer (step+layer for long sequences) | auto.
     checkpointing: Checkpointing = Checkpointing["none"]
     attn_implementation: AttnImplementation = AttnImplementation.sdpa
+    # torch.compile the decoder layer (one compiled region, run T × L times per forward).
+    compile: bool = False
 
 
 @dataclass
@@ -346,15 +352,28 @@ class ComputePlanConfig:
     """`dry_run=true`: the compute plan of a recipe for a cluster, without loading weights."""
 
     gpus: int = 8
-    # Training tokens per second per GPU. Default: our measured Ouro-1.4B full fine-tuning figure on one
-    # H100 80GB at 4K tokens (upstream-style step: per-layer checkpointing, SDPA, bf16; 2026-11-23).
-    tok_per_s_per_gpu: float = 4095.0
+    # Model whose memory and FLOPs are planned; None: model.path's config.json, else Ouro-1.4B
+    # (model.config_overrides apply on top either way).
+    model_size: Optional[ModelSize] = None
+    # GPU memory the plan must fit in (the longest max_seq_len and checkpointing=auto are sized to it).
+    gpu_memory_gib: float = 80.0
+    # GPU whose dense bf16 peak FLOP/s (ouro_train.model.flops) the time estimate uses.
+    gpu: str = "H100"
+    # Model FLOPs utilization; None: the last measurement recorded in bench/results/.
+    mfu: Optional[float] = None
+    # Training tokens per second per GPU; None: from FLOPs per token (recomputation included), the
+    # GPU's peak and the MFU.
+    tok_per_s_per_gpu: Optional[float] = None
     # Mean tokens per example, used where the data is not local (hub sources of the thinking mix).
     tokens_per_example: float = 4000.0
+    estimate_memory: bool = True  # trace one step of the model (seconds for a 1.4B model at 32K on a CPU)
 
     def check(self, at: str) -> None:
         _require(self.gpus >= 1, f"{at}.gpus", f"must be >= 1, got {self.gpus}")
-        _require(self.tok_per_s_per_gpu > 0, f"{at}.tok_per_s_per_gpu", f"must be > 0, got {self.tok_per_s_per_gpu}")
+        _require(self.gpu_memory_gib > 0, f"{at}.gpu_memory_gib", f"must be > 0, got {self.gpu_memory_gib}")
+        _require(self.mfu is None or 0 < self.mfu <= 1, f"{at}.mfu", f"must be in (0, 1], got {self.mfu}")
+        _require(self.tok_per_s_per_gpu is None or self.tok_per_s_per_gpu > 0, f"{at}.tok_per_s_per_gpu",
+                 f"must be > 0, got {self.tok_per_s_per_gpu}")
         _require(self.tokens_per_example > 0, f"{at}.tokens_per_example", f"must be > 0, got {self.tokens_per_example}")
 
 

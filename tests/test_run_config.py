@@ -19,7 +19,7 @@ def load(overrides=(), name="smoke"):
 @pytest.mark.parametrize(
     "override, full_key, choices",
     [
-        ("model.checkpointing=blocks", "model.checkpointing", "[none, layer, step, step+layer]"),
+        ("model.checkpointing=blocks", "model.checkpointing", "[none, layer, step, step+layer, auto]"),
         ("model.attn_implementation=flash", "model.attn_implementation", "[sdpa, eager, flex_attention]"),
         ("objective.name=expected_logit", "objective.name", "[expected_logits, expected_loss, final_step, gate]"),
         ("wandb.mode=on", "wandb.mode", "[offline, online, disabled]"),
@@ -50,6 +50,8 @@ def test_a_mistyped_choice_fails_when_the_config_is_composed(override, full_key,
         ("max_steps=0", "max_steps: must be >= 1, got 0"),
         ("data.max_seq_len=1", "data.max_seq_len: must be >= 2, got 1"),
         ("plan.gpus=0", "plan.gpus: must be >= 1, got 0"),
+        ("plan.mfu=1.5", "plan.mfu: must be in (0, 1], got 1.5"),
+        ("plan.gpu_memory_gib=0", "plan.gpu_memory_gib: must be > 0, got 0"),
     ],
 )
 def test_a_bad_value_fails_at_parse_time_naming_its_field(override, message):
@@ -67,5 +69,6 @@ def test_choices_are_typed_and_every_recipe_parses():
 
 
 def test_config_choices_are_what_the_model_accepts():
-    assert [c.value for c in Checkpointing] == list(CHECKPOINT_GRANULARITIES)
+    # `auto` is resolved to one of the model's granularities before the model is built.
+    assert [c.value for c in Checkpointing] == [*CHECKPOINT_GRANULARITIES, "auto"]
     assert [a.value for a in AttnImplementation] == list(IMPLEMENTATIONS)

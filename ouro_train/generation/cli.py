@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> None:
         exit_threshold=args.exit_threshold, ut_steps=args.ut_steps, kv_fill=args.kv_fill, think=args.think,
     )
     model, tokenizer = load_model(args.model, args.dtype, args.device)
+    if args.compile:
+        model.compile_layers()
     generator = torch.Generator(device=model.device).manual_seed(args.seed)
     steps = settings.ut_steps or model.config.total_ut_steps
 
@@ -82,6 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, help="where --input's completions go (jsonl)")
     p.add_argument("--system", help="a system message put first where a chat has none")
     p.add_argument("--think", action="store_true", help="open the assistant turn with <think> (Thinking models)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decoder layer (pays off on GPU)")
     p.add_argument("--ut-steps", type=int, help="recurrent steps T (default: the model's total_ut_steps)")
     p.add_argument("--exit-threshold", type=float,
                    help="cumulative exit probability at which a token stops looping (default: the model's "

@@ -12,6 +12,12 @@ from transformers import PreTrainedConfig
 
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
+_OURO_SHAPE = dict(vocab_size=49152, hidden_size=2048, intermediate_size=5632, num_attention_heads=16,
+                   num_key_value_heads=16, head_dim=128, total_ut_steps=4, rope_theta=1_000_000.0,
+                   max_position_embeddings=65536, tie_word_embeddings=False, pad_token_id=0)
+# The released checkpoints' architecture fields (2.6B: the 1.4B's 24 layers duplicated to 48).
+RELEASED_ARCHITECTURES = {"1.4b": dict(_OURO_SHAPE, num_hidden_layers=24), "2.6b": dict(_OURO_SHAPE, num_hidden_layers=48)}
+
 
 class OuroConfig(PreTrainedConfig):
     model_type = "ouro"

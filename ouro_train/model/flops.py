@@ -34,9 +34,27 @@ def model_flops_utilization(tok_per_s: float, config: OuroConfig, seq_len: int, 
 
 
 def training_flops_per_token(config: OuroConfig, seq_len: int) -> float:
-    """6 · (T · L · per-layer matmul params + head) + causal attention, recomputation not counted."""
+    """6 · (T · L · per-layer matmul params + head) + causal attention, recomputation not counted: the
+    model FLOPs of MFU."""
+    return 3 * _layer_forward_flops(config, seq_len) + 6 * config.vocab_size * config.hidden_size
+
+
+# Forward passes of the layer stack recomputed in backward: `step+layer` recomputes each step, and
+# inside that recompute each layer's backward recomputes the layer once more.
+RECOMPUTED_FORWARDS = {"none": 0, "layer": 1, "step": 1, "step+layer": 2}
+
+
+def hardware_flops_per_token(config: OuroConfig, seq_len: int, checkpointing: str) -> float:
+    """What the GPU computes per training token: the model FLOPs, the layer stack's recomputed
+    forwards, and the head's forward recomputed by the chunked loss."""
+    recomputed = RECOMPUTED_FORWARDS[checkpointing] * _layer_forward_flops(config, seq_len)
+    return training_flops_per_token(config, seq_len) + recomputed + 2 * config.vocab_size * config.hidden_size
+
+
+def _layer_forward_flops(config: OuroConfig, seq_len: int) -> float:
+    """Forward FLOPs per token of the T · L layer applications: matmuls and causal attention."""
     d, heads, head_dim = config.hidden_size, config.num_attention_heads, config.resolved_head_dim
     layer = 2 * d * heads * head_dim + 2 * d * config.num_key_value_heads * head_dim + 3 * d * config.intermediate_size
     applications = config.total_ut_steps * config.num_hidden_layers
-    attention = 6 * applications * seq_len * heads * head_dim  # half of the full 12·S·H·D: causal
-    return 6 * (applications * layer + config.vocab_size * d) + attention
+    attention = 2 * applications * seq_len * heads * head_dim  # half of the full 4·S·H·D: causal
+    return 2 * applications * layer + attention

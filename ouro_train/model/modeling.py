@@ -132,6 +132,13 @@ class OuroModel(OuroPreTrainedModel):
             raise ValueError(f"activation checkpointing {granularity!r} not in {CHECKPOINT_GRANULARITIES}")
         self.activation_checkpointing = granularity
 
+    def compile_layers(self) -> None:
+        """`torch.compile` each decoder layer in place: regional compilation. The layers share their
+        code, so one compiled graph serves all L layers and T steps (recompiled only for new shapes);
+        the loop, checkpointing and cache stay eager around it."""
+        for layer in self.layers:
+            layer.compile()
+
     @property
     def gradient_checkpointing(self) -> bool:  # read by transformers' `is_gradient_checkpointing`
         return self.activation_checkpointing != "none"
@@ -263,6 +270,9 @@ class OuroForCausalLM(OuroPreTrainedModel, GenerationMixin):
 
     def set_activation_checkpointing(self, granularity: str) -> None:
         self.model.set_activation_checkpointing(granularity)
+
+    def compile_layers(self) -> None:
+        self.model.compile_layers()
 
     def forward(
         self,

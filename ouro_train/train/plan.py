@@ -4,16 +4,27 @@ Examples come from the sources' `count`s (the thinking mix names every count); a
 is local, and its valid rows are counted with the data pipeline's mix plan (validation only, no
 tokenization). Tokens are examples × `plan.tokens_per_example` (an estimate: `ouro-prepare` reports
 the real figure and the packing efficiency once the data is prepared).
+
+Memory per GPU: `train/memory.py` (one step traced on fake tensors + ZeRO's partitioning of the model
+states), for `plan.gpus` ranks. Time: tokens per second per GPU = the GPU's bf16 peak × the hardware
+FLOPs utilization of the last recorded benchmark (`bench/results/*.json`) ÷ the hardware FLOPs per
+token of this configuration (recomputation included). The whole plan is written to
+`output_dir/plan.json`.
 """
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
-from ouro_train.config import RunConfig
+from ouro_train.config import REPO_ROOT, RunConfig
+from ouro_train.model.flops import hardware_flops_per_token, peak_bf16_flops, training_flops_per_token
+from ouro_train.train import memory
 from ouro_train.train.batch import batch_geometry, total_steps
 
 PACKING_EFFICIENCY = 0.97  # best-fit packing of long-CoT data into 32K rows; ouro-prepare reports the real one
+RESULTS_DIR = REPO_ROOT / "bench" / "results"
 
 
 def compute_plan(cfg: RunConfig) -> dict:
@@ -29,8 +40,14 @@ def compute_plan(cfg: RunConfig) -> dict:
     sequences_per_step = geometry.sequences_per_step
     steps = total_steps(cfg.max_steps, cfg.train.epochs, geometry.steps_per_epoch(rows_per_epoch))
     train_tokens = steps * sequences_per_step * cfg.data.max_seq_len * PACKING_EFFICIENCY
-    seconds = train_tokens / (cfg.plan.gpus * cfg.plan.tok_per_s_per_gpu)
-    return {
+
+    config = memory.planned_model_config(cfg)
+    checkpointing = cfg.model.checkpointing.value
+    if checkpointing == "auto":
+        checkpointing = memory.choose_checkpointing(cfg, config, cfg.plan.gpus, cfg.plan.gpu_memory_gib)
+    time = time_plan(cfg, config, checkpointing)
+    seconds = train_tokens / (cfg.plan.gpus * time["tok_per_s_per_gpu"])
+    plan = {
         "examples_per_epoch": examples,
         "tokens_per_epoch": tokens_per_epoch,
         "packed_rows_per_epoch": rows_per_epoch,
@@ -40,14 +57,80 @@ def compute_plan(cfg: RunConfig) -> dict:
         "optimizer_steps": steps,
         "training_tokens": train_tokens,
         "gpus": cfg.plan.gpus,
-        "tok_per_s_per_gpu": cfg.plan.tok_per_s_per_gpu,
-        "wall_hours": seconds / 3600,
-        "gpu_hours": seconds * cfg.plan.gpus / 3600,
+        "checkpointing": checkpointing,
+        "time": dict(time, wall_hours=seconds / 3600, gpu_hours=seconds * cfg.plan.gpus / 3600),
+    }
+    if cfg.plan.estimate_memory:
+        plan["memory"] = memory_plan(cfg, config, checkpointing)
+    return plan
+
+
+def memory_plan(cfg: RunConfig, config, checkpointing: str) -> dict:
+    estimate = memory.step_memory(config, memory.step_shape(cfg, checkpointing), cfg.deepspeed, cfg.plan.gpus)
+    longest = memory.longest_seq_len(config, cfg, checkpointing, cfg.plan.gpus, cfg.plan.gpu_memory_gib, estimate)
+    return {
+        "peak_gib": estimate["peak"] / memory.GIB,
+        "components": {k: v / memory.GIB for k, v in estimate.items() if k != "peak"},
+        "fits": {card: memory.fits(estimate["peak"], gib) for card, gib in memory.CARDS_GIB.items()},
+        "gpu_memory_gib": cfg.plan.gpu_memory_gib,
+        "longest_max_seq_len": longest,
     }
 
 
+def time_plan(cfg: RunConfig, config, checkpointing: str) -> dict:
+    """Tokens per second per GPU: `plan.tok_per_s_per_gpu` when given, else from FLOPs."""
+    seq = cfg.data.max_seq_len
+    model_flops = training_flops_per_token(config, seq)
+    hardware_flops = hardware_flops_per_token(config, seq, checkpointing)
+    if cfg.plan.tok_per_s_per_gpu is not None:
+        return {"tok_per_s_per_gpu": cfg.plan.tok_per_s_per_gpu, "source": "plan.tok_per_s_per_gpu"}
+    peak = peak_bf16_flops(cfg.plan.gpu)
+    if peak is None:
+        raise ValueError(f"plan.gpu: no bf16 peak known for {cfg.plan.gpu!r} (ouro_train.model.flops)")
+    if cfg.plan.mfu is not None:
+        # An MFU given for this configuration: its recomputation is part of what it measured.
+        hfu, source = cfg.plan.mfu * hardware_flops / model_flops, "plan.mfu"
+    else:
+        hfu, source = recorded_hardware_utilization(config, seq)
+    return {
+        "tok_per_s_per_gpu": hfu * peak / hardware_flops,
+        "model_flops_per_token": model_flops,
+        "hardware_flops_per_token": hardware_flops,
+        "hardware_flops_utilization": hfu,
+        "mfu": hfu * model_flops / hardware_flops,
+        "peak_flops": peak,
+        "source": source,
+    }
+
+
+def recorded_hardware_utilization(config, seq: int, results_dir: Path = RESULTS_DIR) -> tuple[float, str]:
+    """Hardware FLOPs utilization of the newest recorded benchmark row nearest to `seq` tokens, with
+    the recomputation of that row's checkpointing counted, and where it comes from."""
+    records = [(json.loads(p.read_text()), p.name) for p in sorted(results_dir.glob("*.json"))]
+    records = [(r, name) for r, name in records if _measured(r)]
+    if not records:
+        raise ValueError(f"no measured MFU in {results_dir}: set plan.mfu or plan.tok_per_s_per_gpu")
+    record, name = max(records, key=lambda r: r[0]["date"])
+    row = min(_measured(record), key=lambda r: abs(r["seq"] - seq))
+    utilization = row["mfu"] * hardware_flops_per_token(config, row["seq"], row["checkpointing"]) \
+        / training_flops_per_token(config, row["seq"])
+    return utilization, f"{name}: {record['device']}, {record['date']}, {row['variant']} at {row['seq']:,} tokens"
+
+
+def _measured(record: dict) -> list[dict]:
+    return [r for r in record["results"] if r.get("mfu")]
+
+
+def write_plan(plan: dict, output_dir: str) -> Path:
+    path = Path(output_dir, "plan.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(plan, indent=2) + "\n")
+    return path
+
+
 def format_compute_plan(plan: dict) -> str:
-    return "\n".join([
+    t = plan["time"]
+    lines = [
         f"examples per epoch    {plan['examples_per_epoch']:>16,}",
         f"tokens per epoch      {plan['tokens_per_epoch']:>16,.0f}   (examples × plan.tokens_per_example)",
         f"packed rows per epoch {plan['packed_rows_per_epoch']:>16,}",
@@ -55,6 +138,22 @@ def format_compute_plan(plan: dict) -> str:
         f"batch                 {plan['sequences_per_step']:>16,} sequences = {plan['tokens_per_step']:,} tokens",
         f"optimizer steps       {plan['optimizer_steps']:>16,}",
         f"training tokens       {plan['training_tokens']:>16,.0f}",
-        f"throughput            {plan['tok_per_s_per_gpu']:>16,.0f} tok/s per GPU × {plan['gpus']} GPUs",
-        f"wall time             {plan['wall_hours']:>16,.1f} h   ({plan['gpu_hours']:,.0f} GPU-hours)",
-    ])
+        f"checkpointing         {plan['checkpointing']:>16}",
+        f"throughput            {t['tok_per_s_per_gpu']:>16,.0f} tok/s per GPU × {plan['gpus']} GPUs",
+    ]
+    if "mfu" in t:
+        lines.append(f"                      {'':>16}   MFU {t['mfu']:.1%} (hardware {t['hardware_flops_utilization']:.1%}"
+                     f" incl. recomputation) × {t['peak_flops'] / 1e12:,.0f} TFLOP/s; from {t['source']}")
+    lines.append(f"wall time             {t['wall_hours']:>16,.1f} h   ({t['gpu_hours']:,.0f} GPU-hours)")
+    if "memory" in plan:
+        lines += ["", format_memory(plan["memory"], plan["gpus"])]
+    return "\n".join(lines)
+
+
+def format_memory(m: dict, gpus: int) -> str:
+    lines = [f"peak memory per GPU ({gpus} ranks), GiB"]
+    lines += [f"  {name:<20}{gib:>8.2f}" for name, gib in m["components"].items()]
+    lines.append(f"  {'peak':<20}{m['peak_gib']:>8.2f}   (+{memory.CONTEXT_RESERVE_GIB} GiB CUDA context, not in the peak)")
+    lines.append("fits on " + "   ".join(f"{card}: {'yes' if ok else 'no'}" for card, ok in m["fits"].items()))
+    lines.append(f"longest max_seq_len on {m['gpu_memory_gib']:g} GiB: {m['longest_max_seq_len']:,}")
+    return "\n".join(lines)

@@ -44,7 +44,7 @@ from ouro_train.model import OuroConfig, OuroForCausalLM
 from ouro_train.model.flops import model_flops_utilization, peak_bf16_flops
 from ouro_train.model.loss import evaluate_loss_per_step
 from ouro_train.run_dir import RunDir
-from ouro_train.train import checkpoint
+from ouro_train.train import checkpoint, memory
 from ouro_train.train.batch import batch_geometry, total_steps
 from ouro_train.train.engine import (
     bf16_enabled,
@@ -161,13 +161,25 @@ class Trainer:
         if not isinstance(model, OuroForCausalLM):
             raise ValueError(f"model.path={mcfg.path} is not an Ouro checkpoint (got {type(model).__name__})")
         model.config.use_cache = False
-        model.set_activation_checkpointing(mcfg.checkpointing.value)
+        model.set_activation_checkpointing(self._checkpointing(model.config))
+        if mcfg.compile:
+            model.compile_layers()
         if self.cfg.lora.enabled:
             model = apply_lora(model, self.cfg.lora)
         if self.cfg.objective.name == Objective.gate:
             for name, param in model.named_parameters():
                 param.requires_grad_(name.startswith("model.early_exit_gate."))
         return model
+
+    def _checkpointing(self, config: OuroConfig) -> str:
+        """`model.checkpointing`, with `auto` resolved for this GPU's memory (plan.gpu_memory_gib off GPU)."""
+        granularity = self.cfg.model.checkpointing.value
+        if granularity == "auto":
+            gib = (torch.cuda.get_device_properties(self.device).total_memory / memory.GIB
+                   if self.device.type == "cuda" else self.cfg.plan.gpu_memory_gib)
+            granularity = memory.choose_checkpointing(self.cfg, config, self.world, gib)
+            self._log(f"model.checkpointing=auto: {granularity} (the cheapest whose estimated peak fits {gib:.1f} GiB)")
+        return granularity
 
     def _build_engine(self, model):
         import deepspeed

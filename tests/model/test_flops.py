@@ -1,9 +1,18 @@
-"""MFU's denominator: the dense bf16 peak by device name; an unknown device gets none."""
+"""MFU's denominator: the dense bf16 peak by device name (an unknown device gets none); hardware FLOPs
+per token, recomputation included, against torch's FLOP counter over a real forward + backward."""
 
 import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import tiny_config
-from ouro_train.model.flops import model_flops_utilization, peak_bf16_flops, training_flops_per_token
+from ouro_train.model import OuroForCausalLM
+from ouro_train.model.flops import (
+    hardware_flops_per_token,
+    model_flops_utilization,
+    peak_bf16_flops,
+    training_flops_per_token,
+)
 
 
 @pytest.mark.parametrize(
@@ -29,3 +38,29 @@ def test_mfu_is_tokens_times_flops_over_peak():
     flops = training_flops_per_token(config, 512)
     assert model_flops_utilization(1000.0, config, 512, "NVIDIA H200") == pytest.approx(1000.0 * flops / 989e12)
     assert model_flops_utilization(1000.0, config, 512, "Unknown GPU") is None
+
+
+# Short rows: attention, which the counter counts without the causal half, stays ~1% of the FLOPs.
+SEQ = 16
+CONFIG = dict(vocab_size=256, hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=4, head_dim=32, total_ut_steps=3)
+
+
+def counted_layer_stack_flops_per_token(checkpointing: str) -> float:
+    """Forward + backward of the T · L layer applications (no head: the loss is a sum of the states)."""
+    torch.manual_seed(0)
+    model = OuroForCausalLM(tiny_config(**CONFIG))
+    model.set_activation_checkpointing(checkpointing)
+    ids = torch.randint(0, CONFIG["vocab_size"], (1, SEQ))
+    with FlopCounterMode(display=False) as counter:
+        out = model(ids, use_cache=False, compute_logits=False)
+        sum(h.sum() for h in out.step_hidden_states).backward()
+    return counter.get_total_flops() / SEQ
+
+
+@pytest.mark.parametrize("checkpointing", ["none", "layer", "step+layer"])
+def test_hardware_flops_count_the_recomputed_forwards(checkpointing):
+    config = tiny_config(**CONFIG)
+    head = 8 * config.vocab_size * config.hidden_size  # forward, backward and the loss's recompute of the head
+    expected = hardware_flops_per_token(config, SEQ, checkpointing) - head
+    assert counted_layer_stack_flops_per_token(checkpointing) == pytest.approx(expected, rel=0.03)
