@@ -11,11 +11,9 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from conftest import REPO_ROOT, tiny_config
-from train_helpers import ENV, metrics, run_train
-from ouro_train.data import project_tokenizer
+from conftest import REPO_ROOT
+from train_helpers import ENV, metrics, run_train, tiny_base_model
 from ouro_train.export import export_run
-from ouro_train.model import OuroForCausalLM
 from ouro_train.run_dir import checkpoint_tag
 
 
@@ -28,12 +26,7 @@ def _same_files(a: Path, b: Path) -> None:
 
 @torch.no_grad()
 def test_dora_run_trains_resumes_and_exports_for_every_loader(tmp_path):
-    cache = tmp_path / "cache"
-    tokenizer = project_tokenizer(str(cache))
-    base = tmp_path / "base"
-    torch.manual_seed(0)
-    OuroForCausalLM(tiny_config(vocab_size=len(tokenizer), pad_token_id=0, bos_token_id=0)).save_pretrained(base)
-    tokenizer.save_pretrained(base)
+    base, cache, tokenizer = tiny_base_model(tmp_path)
     upstream = tmp_path / "upstream"  # stands in for a downloaded upstream checkpoint
     upstream.mkdir()
     for name in ("configuration_ouro.py", "modeling_ouro.py"):

@@ -6,13 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import REPO_ROOT, tiny_config
-from train_helpers import ENV, compose_run, metrics, run_train
-from ouro_train.data import MicroBatchLoader, prepare, project_tokenizer
+from conftest import REPO_ROOT
+from train_helpers import ENV, compose_run, metrics, run_train, tiny_base_model
+from ouro_train.data import MicroBatchLoader, prepare
 from ouro_train.eval import evaluate_loss_per_step
 from ouro_train.model import OuroForCausalLM
 
@@ -43,12 +42,7 @@ def _eval_loss(model, cfg, tokenizer, world: int = 2) -> float:
 
 
 def test_lora_under_zero3_two_processes_exports_the_trained_model(tmp_path):
-    cache = tmp_path / "cache"
-    tokenizer = project_tokenizer(str(cache))
-    base = tmp_path / "base"
-    torch.manual_seed(0)
-    OuroForCausalLM(tiny_config(vocab_size=len(tokenizer), pad_token_id=0, bos_token_id=0)).save_pretrained(base)
-    tokenizer.save_pretrained(base)
+    base, cache, tokenizer = tiny_base_model(tmp_path)
     rows = (REPO_ROOT / "data" / "samples" / "chat.jsonl").read_text().splitlines()
     (tmp_path / "train.jsonl").write_text("\n".join(rows[24:]) + "\n")
     (tmp_path / "eval.jsonl").write_text("\n".join(rows[:24]) + "\n")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, tiny_config
 from ouro_train.config import RunConfig, to_object
 from ouro_train.train.engine import free_port
 
@@ -51,3 +51,20 @@ def metrics(output_dir: Path, split: str = "train") -> dict[int, dict]:
         if record.get("split", "train") == split:
             out[record["step"]] = record
     return out
+
+
+def tiny_base_model(tmp_path: Path):
+    """A tiny random Ouro saved with the project tokenizer, as a LoRA run's `model.path`:
+    (base directory, data cache directory, tokenizer)."""
+    import torch
+
+    from ouro_train.data import project_tokenizer
+    from ouro_train.model import OuroForCausalLM
+
+    cache = tmp_path / "cache"
+    tokenizer = project_tokenizer(str(cache))
+    base = tmp_path / "base"
+    torch.manual_seed(0)
+    OuroForCausalLM(tiny_config(vocab_size=len(tokenizer), pad_token_id=0, bos_token_id=0)).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    return base, cache, tokenizer
