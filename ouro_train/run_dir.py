@@ -91,6 +91,11 @@ def is_universal(path: Path) -> bool:
     return (path / _DS_UNIVERSAL_PARAMS).is_dir()
 
 
+def universal_optimizer_file(universal: Path) -> Path:
+    """A universal checkpoint's optimizer state without the tensors (parameter groups, step, loss scale)."""
+    return universal / _DS_UNIVERSAL_PARAMS / "optimizer_state.pt"
+
+
 def universal_param_file(universal: Path, name: str) -> Path:
     """A parameter's fp32 master weights in a universal checkpoint (a dict with the tensor under "param")."""
     return universal / _DS_UNIVERSAL_PARAMS / name / "fp32.pt"

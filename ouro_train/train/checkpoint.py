@@ -31,6 +31,7 @@ from ouro_train.run_dir import (
     is_complete,
     rank_state_file,
     trainer_state_file,
+    universal_optimizer_file,
 )
 from ouro_train.train.state import PER_RANK, TrainState, reseed_rng
 
@@ -73,17 +74,22 @@ def needs_universal(path: Path, run: Topology) -> bool:
             f"between ZeRO stages 1-3 only: resume with deepspeed.zero_stage="
             f"{saved.zero_stage if saved.zero_stage == 0 else '1 or 2'}"
         )
-    if 3 in (saved.zero_stage, run.zero_stage):
-        # DeepSpeed 0.19.8: a universal copy of a ZeRO-3 checkpoint does not load under ZeRO-1/2, one of
-        # ZeRO-1/2 does not load under ZeRO-3, and a ZeRO-3 engine that loads one continues the trajectory
-        # only approximately (its optimizer states are exact, the losses drift from the second step on).
-        raise RuntimeError(
-            f"{path} was written with {saved}; this run has {run}. A ZeRO-3 run resumes exactly only on the "
-            f"topology it was written with: resume with {saved.world_size} processes and "
-            f"deepspeed.zero_stage={saved.zero_stage}. ZeRO-1/2 checkpoints resume on any number of processes "
-            "under ZeRO-1 or ZeRO-2."
-        )
     return True
+
+
+def _repair_zero3_universal_load(zero3, universal: Path) -> None:
+    """What DeepSpeed 0.19.8's ZeRO-3 universal loader leaves wrong: it gives every parameter group the
+    first group's hyperparameters (the no-decay group then decays), and one Adam step tensor to all
+    groups (each group's update then advances it, and the bias correction runs ahead)."""
+    saved = torch.load(universal_optimizer_file(universal), weights_only=False)["param_groups"]
+    groups = zero3.optimizer.param_groups
+    if len(saved) != len(groups):
+        raise RuntimeError(f"{universal}: {len(saved)} optimizer parameter groups, this run has {len(groups)}")
+    for group, hyper in zip(groups, saved):
+        group.update({k: v for k, v in hyper.items() if k != "params"})
+    for state in zero3.optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
 
 
 def resolve_resume(resume: str, run_dir: RunDir) -> Path | None:
@@ -127,6 +133,8 @@ def load(engine, path: Path, state: TrainState, *, universal: bool, seed: int) -
     loaded, _ = engine.load_checkpoint(str(root), tag=tag, load_module_strict=True)
     if loaded is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}")
+    if universal and engine.zero_optimization_stage() == 3:
+        _repair_zero3_universal_load(engine.optimizer, path / UNIVERSAL)
     rank = dist.get_rank()
     if saved["world_size"] == dist.get_world_size():
         state.load_state_dict({**saved, **torch.load(rank_state_file(path, rank), weights_only=False)})
