@@ -5,11 +5,14 @@ position, RNG) in one file per rank, its global part with the run's metadata in 
 The `COMPLETE` marker is written last, after every rank has finished: a directory without it (a crash or
 a kill mid-write) is never a resume point, and is deleted when that step is saved again.
 
-Resuming a ZeRO-1/2 checkpoint on another topology (number of processes, ZeRO-1 <-> ZeRO-2, offload)
-loads the checkpoint's universal copy (`train/universal.py`), made once. ZeRO-0 checkpoints load on any
-number of processes as they are; ZeRO-3 ones only on their own topology (see `needs_universal`). The loader position is counted over all ranks and carries over
-exactly; on another number of processes the per-rank RNG streams cannot (no new rank continues an old
-rank's stream), so they are re-seeded from (seed, step, rank).
+Resuming on another topology (number of processes, ZeRO stage 1, 2 or 3, offload) loads the
+checkpoint's universal copy (`train/universal.py`), made once, with DeepSpeed's universal loader; after a
+ZeRO-3 engine's load, `_repair_zero3_universal_load` puts right what that loader gets wrong. Weights, Adam
+moments and step, the schedule and DeepSpeed's step counters then continue exactly. ZeRO-0 checkpoints
+load on any number of processes as they are, but only under ZeRO-0, and a ZeRO-0 run resumes only from
+ZeRO-0 checkpoints: DeepSpeed converts partitioned (ZeRO >= 1) optimizer states only. The loader position
+is counted over all ranks and carries over exactly; on another number of processes the per-rank RNG
+streams cannot (no new rank continues an old rank's stream), so they are re-seeded from (seed, step, rank).
 """
 
 from __future__ import annotations
@@ -69,10 +72,10 @@ def needs_universal(path: Path, run: Topology) -> bool:
     if saved.zero_stage == 0 and run.zero_stage == 0:
         return False  # no partitioning: every rank holds the whole optimizer state, any world size loads it
     if 0 in (saved.zero_stage, run.zero_stage):
+        stages = "0" if saved.zero_stage == 0 else "1, 2 or 3"
         raise RuntimeError(
             f"{path} was written with {saved}; this run has {run}. DeepSpeed's universal format converts "
-            f"between ZeRO stages 1-3 only: resume with deepspeed.zero_stage="
-            f"{saved.zero_stage if saved.zero_stage == 0 else '1 or 2'}"
+            f"between ZeRO stages 1-3 only: resume with deepspeed.zero_stage={stages}"
         )
     return True
 
