@@ -6,9 +6,9 @@ The `COMPLETE` marker is written last, after every rank has finished: a director
 a kill mid-write) is never a resume point, and is deleted when that step is saved again.
 
 Resuming on another topology (number of processes, ZeRO stage 1, 2 or 3, offload) loads the
-checkpoint's universal copy (`train/universal.py`), made once, with DeepSpeed's universal loader; after a
-ZeRO-3 engine's load, `_repair_zero3_universal_load` puts right what that loader gets wrong. Weights, Adam
-moments and step, the schedule and DeepSpeed's step counters then continue exactly. ZeRO-0 checkpoints
+checkpoint's universal copy (`train/universal.py`), made once, with DeepSpeed's universal loader;
+`_repair_universal_load` then puts right what that loader gets wrong. Weights, Adam moments and step,
+the schedule and DeepSpeed's step counters continue exactly. ZeRO-0 checkpoints
 load on any number of processes as they are, but only under ZeRO-0, and a ZeRO-0 run resumes only from
 ZeRO-0 checkpoints: DeepSpeed converts partitioned (ZeRO >= 1) optimizer states only. The loader position
 is counted over all ranks and carries over exactly; on another number of processes the per-rank RNG
@@ -80,19 +80,25 @@ def needs_universal(path: Path, run: Topology) -> bool:
     return True
 
 
-def _repair_zero3_universal_load(zero3, universal: Path) -> None:
-    """What DeepSpeed 0.19.8's ZeRO-3 universal loader leaves wrong: it gives every parameter group the
-    first group's hyperparameters (the no-decay group then decays), and one Adam step tensor to all
-    groups (each group's update then advances it, and the bias correction runs ahead)."""
-    saved = torch.load(universal_optimizer_file(universal), weights_only=False)["param_groups"]
-    groups = zero3.optimizer.param_groups
-    if len(saved) != len(groups):
-        raise RuntimeError(f"{universal}: {len(saved)} optimizer parameter groups, this run has {len(groups)}")
-    for group, hyper in zip(groups, saved):
-        group.update({k: v for k, v in hyper.items() if k != "params"})
-    for state in zero3.optimizer.state.values():
-        if torch.is_tensor(state.get("step")):
-            state["step"] = state["step"].clone()
+def _repair_universal_load(engine, universal: Path) -> None:
+    """What DeepSpeed 0.19.8's universal loaders leave wrong. ZeRO-3's gives every parameter group the
+    first group's hyperparameters (the no-decay group then decays) and one Adam step tensor to all groups
+    (each group's update then advances it, and the bias correction runs ahead). Every stage's keeps the
+    step count in the type of the optimizer that saved it: torch's Adam (CPU) counts in a tensor,
+    DeepSpeed's CPU (offload) and fused Adam in an int, and each fails on the other's."""
+    base = engine.optimizer.optimizer
+    if engine.zero_optimization_stage() == 3:
+        saved = torch.load(universal_optimizer_file(universal), weights_only=False)["param_groups"]
+        if len(saved) != len(base.param_groups):
+            raise RuntimeError(f"{universal}: {len(saved)} optimizer parameter groups, this run has "
+                               f"{len(base.param_groups)}")
+        for group, hyper in zip(base.param_groups, saved):
+            group.update({k: v for k, v in hyper.items() if k != "params"})
+    tensor_steps = type(base).__module__.startswith("torch.optim")
+    for state in base.state.values():
+        if "step" in state:  # a new object for each state: none is shared
+            step = float(state["step"])
+            state["step"] = torch.tensor(step, dtype=torch.float32) if tensor_steps else int(step)
 
 
 def resolve_resume(resume: str, run_dir: RunDir) -> Path | None:
@@ -136,8 +142,8 @@ def load(engine, path: Path, state: TrainState, *, universal: bool, seed: int) -
     loaded, _ = engine.load_checkpoint(str(root), tag=tag, load_module_strict=True)
     if loaded is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}")
-    if universal and engine.zero_optimization_stage() == 3:
-        _repair_zero3_universal_load(engine.optimizer, path / UNIVERSAL)
+    if universal:
+        _repair_universal_load(engine, path / UNIVERSAL)
     rank = dist.get_rank()
     if saved["world_size"] == dist.get_world_size():
         state.load_state_dict({**saved, **torch.load(rank_state_file(path, rank), weights_only=False)})
