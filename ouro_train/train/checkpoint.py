@@ -63,9 +63,11 @@ class Topology:
         return f"{self.world_size} processes, ZeRO-{self.zero_stage}" + "".join(f", {o}" for o in offload)
 
 
-def needs_universal(path: Path, run: Topology) -> bool:
+def needs_universal(path: Path, run: Topology, *, random_frozen_base: bool = False) -> bool:
     """Whether resuming `path` on `run` goes through the universal format (False: DeepSpeed's plain load).
-    Raises, before anything is loaded, where neither can work."""
+    Raises, before anything is loaded, where neither can work. `random_frozen_base`: the run freezes
+    weights of a random init (LoRA or the gate objective on `model.init=random`), which the universal
+    format does not hold: the run rebuilds them, and ZeRO-3 builds other ones than ZeRO-0/1/2."""
     saved = Topology.of_checkpoint(path)
     if saved == run:
         return False
@@ -76,6 +78,12 @@ def needs_universal(path: Path, run: Topology) -> bool:
         raise RuntimeError(
             f"{path} was written with {saved}; this run has {run}. DeepSpeed's universal format converts "
             f"between ZeRO stages 1-3 only: resume with deepspeed.zero_stage={stages}"
+        )
+    if random_frozen_base and (saved.zero_stage == 3) != (run.zero_stage == 3):
+        raise RuntimeError(
+            f"{path} was written with {saved}; this run has {run}. Its frozen weights are a random init "
+            "(model.init=random), which ZeRO-3 draws differently from ZeRO-1/2: resume with "
+            f"deepspeed.zero_stage={'3' if saved.zero_stage == 3 else '1 or 2'}"
         )
     return True
 

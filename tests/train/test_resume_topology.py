@@ -8,6 +8,7 @@ run of the same recipe records which rows each step trains on and is the source 
 continues under ZeRO-3 and is in turn the source of the ZeRO-3 -> 1 process tests.
 """
 
+import json
 import math
 import shutil
 import subprocess
@@ -129,7 +130,8 @@ def cpu_adam_built() -> bool:
     from deepspeed.git_version_info import installed_ops
     from torch.utils.cpp_extension import _get_build_directory
 
-    return installed_ops.get("cpu_adam", False) or (Path(_get_build_directory("cpu_adam", False)) / "cpu_adam.so").exists()
+    built = Path(_get_build_directory("cpu_adam", False)) / "cpu_adam.so"
+    return installed_ops.get("cpu_adam", False) or built.exists()
 
 
 @pytest.mark.parametrize("target", [
@@ -167,6 +169,17 @@ def test_lora_resumes_from_zero2_under_zero3(cache, tmp_path):
     Trainer(compose_run(*overrides(tmp_path / "resumed", cache, "deepspeed=zero3", f"resume={step4}", *lora))).train()
     assert_same_trajectory(tmp_path / "resumed", tmp_path / "straight")
     assert is_complete(universal_dir(step4))
+
+
+def test_a_random_frozen_base_does_not_move_to_or_from_zero3(tmp_path):
+    """LoRA / the gate objective on model.init=random rebuild the frozen weights, and ZeRO-3 draws others."""
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"world_size": 2, "config": {"deepspeed": {
+        "zero_stage": 2, "offload_optimizer": False, "offload_params": False}}}))
+    zero3 = checkpoint.Topology(1, 3, False, False)
+    assert checkpoint.needs_universal(tmp_path, zero3)
+    with pytest.raises(RuntimeError, match="random init .* resume with deepspeed.zero_stage=1 or 2"):
+        checkpoint.needs_universal(tmp_path, zero3, random_frozen_base=True)
+    assert checkpoint.needs_universal(tmp_path, checkpoint.Topology(1, 1, False, False), random_frozen_base=True)
 
 
 def kill_at_save(directory: Path, count: int, *args: str) -> subprocess.CompletedProcess:
