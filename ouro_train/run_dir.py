@@ -11,7 +11,7 @@ that knows DeepSpeed's own checkpoint file names.
                                            written last: a directory without it is never read
     output_dir/checkpoints/step-NNNNNNNN/universal/
                                            the same checkpoint in DeepSpeed's universal format (one file per
-                                           parameter and state, any world size under ZeRO-1/2 loads it),
+                                           parameter and state, any world size under ZeRO-1/2/3 loads it),
                                            made once when a run resumes on another topology; its own
                                            COMPLETE marker, written before it is renamed from universal.tmp
     output_dir/metrics.jsonl               one JSON object per optimizer step or evaluation
@@ -34,10 +34,12 @@ ADAPTER_CONFIG_FILE = "adapter_config.json"  # written by peft's LoraConfig.save
 _TAG = re.compile(r"^step-(\d{8})$")
 
 # DeepSpeed's names inside a checkpoint directory (`engine.save_checkpoint(root, tag)`).
-_DS_MODULE_STATES = "mp_rank_00_model_states.pt"  # the whole module below ZeRO-3, rank 0's shard at 3
+_DS_MODULE_STATES = "mp_rank_00_model_states.pt"  # the whole module below ZeRO-3
+_DS_ZERO3_MODULE_STATES = "zero_pp_rank_0_mp_rank_00_model_states.pt"  # ZeRO-3: rank 0's partitions
 _DS_OPTIM_STATES = "*_optim_states.pt"  # one per rank under ZeRO >= 1
 _DS_LATEST_UNIVERSAL = "latest_universal"  # written by ds_to_universal beside its output; we pass tags instead
 _DS_UNIVERSAL_PARAMS = "zero"  # universal format: zero/<parameter name>/{fp32,exp_avg,exp_avg_sq,step}.pt
+_DS_UNIVERSAL_STEP = "step.pt"
 UNIVERSAL = "universal"
 
 
@@ -89,6 +91,25 @@ def latest_universal_file(output_folder: Path) -> Path:
 
 def is_universal(path: Path) -> bool:
     return (path / _DS_UNIVERSAL_PARAMS).is_dir()
+
+
+def zero3_module_states_file(checkpoint: Path) -> Path:
+    """The module states file of a ZeRO-3 checkpoint's rank 0 (the optimizer-independent engine state)."""
+    return checkpoint / _DS_ZERO3_MODULE_STATES
+
+
+def universal_params_dir(universal: Path) -> Path:
+    """One folder per parameter, named as in the module, and optimizer_state.pt."""
+    return universal / _DS_UNIVERSAL_PARAMS
+
+
+def universal_step_file(universal: Path, name: str) -> Path:
+    return universal / _DS_UNIVERSAL_PARAMS / name / _DS_UNIVERSAL_STEP
+
+
+def universal_optimizer_file(universal: Path) -> Path:
+    """A universal checkpoint's optimizer state without the tensors (parameter groups, step, loss scale)."""
+    return universal / _DS_UNIVERSAL_PARAMS / "optimizer_state.pt"
 
 
 def universal_param_file(universal: Path, name: str) -> Path:

@@ -5,11 +5,14 @@ position, RNG) in one file per rank, its global part with the run's metadata in 
 The `COMPLETE` marker is written last, after every rank has finished: a directory without it (a crash or
 a kill mid-write) is never a resume point, and is deleted when that step is saved again.
 
-Resuming a ZeRO-1/2 checkpoint on another topology (number of processes, ZeRO-1 <-> ZeRO-2, offload)
-loads the checkpoint's universal copy (`train/universal.py`), made once. ZeRO-0 checkpoints load on any
-number of processes as they are; ZeRO-3 ones only on their own topology (see `needs_universal`). The loader position is counted over all ranks and carries over
-exactly; on another number of processes the per-rank RNG streams cannot (no new rank continues an old
-rank's stream), so they are re-seeded from (seed, step, rank).
+Resuming on another topology (number of processes, ZeRO stage 1, 2 or 3, offload) loads the
+checkpoint's universal copy (`train/universal.py`), made once, with DeepSpeed's universal loader;
+`_repair_universal_load` then puts right what that loader gets wrong. Weights, Adam moments and step,
+the schedule and DeepSpeed's step counters continue exactly. ZeRO-0 checkpoints
+load on any number of processes as they are, but only under ZeRO-0, and a ZeRO-0 run resumes only from
+ZeRO-0 checkpoints: DeepSpeed converts partitioned (ZeRO >= 1) optimizer states only. The loader position
+is counted over all ranks and carries over exactly; on another number of processes the per-rank RNG
+streams cannot (no new rank continues an old rank's stream), so they are re-seeded from (seed, step, rank).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from ouro_train.run_dir import (
     is_complete,
     rank_state_file,
     trainer_state_file,
+    universal_optimizer_file,
 )
 from ouro_train.train.state import PER_RANK, TrainState, reseed_rng
 
@@ -59,31 +63,50 @@ class Topology:
         return f"{self.world_size} processes, ZeRO-{self.zero_stage}" + "".join(f", {o}" for o in offload)
 
 
-def needs_universal(path: Path, run: Topology) -> bool:
+def needs_universal(path: Path, run: Topology, *, random_frozen_base: bool = False) -> bool:
     """Whether resuming `path` on `run` goes through the universal format (False: DeepSpeed's plain load).
-    Raises, before anything is loaded, where neither can work."""
+    Raises, before anything is loaded, where neither can work. `random_frozen_base`: the run freezes
+    weights of a random init (LoRA or the gate objective on `model.init=random`), which the universal
+    format does not hold: the run rebuilds them, and ZeRO-3 builds other ones than ZeRO-0/1/2."""
     saved = Topology.of_checkpoint(path)
     if saved == run:
         return False
     if saved.zero_stage == 0 and run.zero_stage == 0:
         return False  # no partitioning: every rank holds the whole optimizer state, any world size loads it
     if 0 in (saved.zero_stage, run.zero_stage):
+        stages = "0" if saved.zero_stage == 0 else "1, 2 or 3"
         raise RuntimeError(
             f"{path} was written with {saved}; this run has {run}. DeepSpeed's universal format converts "
-            f"between ZeRO stages 1-3 only: resume with deepspeed.zero_stage="
-            f"{saved.zero_stage if saved.zero_stage == 0 else '1 or 2'}"
+            f"between ZeRO stages 1-3 only: resume with deepspeed.zero_stage={stages}"
         )
-    if 3 in (saved.zero_stage, run.zero_stage):
-        # DeepSpeed 0.19.8: a universal copy of a ZeRO-3 checkpoint does not load under ZeRO-1/2, one of
-        # ZeRO-1/2 does not load under ZeRO-3, and a ZeRO-3 engine that loads one continues the trajectory
-        # only approximately (its optimizer states are exact, the losses drift from the second step on).
+    if random_frozen_base and (saved.zero_stage == 3) != (run.zero_stage == 3):
         raise RuntimeError(
-            f"{path} was written with {saved}; this run has {run}. A ZeRO-3 run resumes exactly only on the "
-            f"topology it was written with: resume with {saved.world_size} processes and "
-            f"deepspeed.zero_stage={saved.zero_stage}. ZeRO-1/2 checkpoints resume on any number of processes "
-            "under ZeRO-1 or ZeRO-2."
+            f"{path} was written with {saved}; this run has {run}. Its frozen weights are a random init "
+            "(model.init=random), which ZeRO-3 draws differently from ZeRO-1/2: resume with "
+            f"deepspeed.zero_stage={'3' if saved.zero_stage == 3 else '1 or 2'}"
         )
     return True
+
+
+def _repair_universal_load(engine, universal: Path) -> None:
+    """What DeepSpeed 0.19.8's universal loaders leave wrong. ZeRO-3's gives every parameter group the
+    first group's hyperparameters (the no-decay group then decays) and one Adam step tensor to all groups
+    (each group's update then advances it, and the bias correction runs ahead). Every stage's keeps the
+    step count in the type of the optimizer that saved it: torch's Adam (CPU) counts in a tensor,
+    DeepSpeed's CPU (offload) and fused Adam in an int, and each fails on the other's."""
+    base = engine.optimizer.optimizer
+    if engine.zero_optimization_stage() == 3:
+        saved = torch.load(universal_optimizer_file(universal), weights_only=False)["param_groups"]
+        if len(saved) != len(base.param_groups):
+            raise RuntimeError(f"{universal}: {len(saved)} optimizer parameter groups, this run has "
+                               f"{len(base.param_groups)}")
+        for group, hyper in zip(base.param_groups, saved):
+            group.update({k: v for k, v in hyper.items() if k != "params"})
+    tensor_steps = type(base).__module__.startswith("torch.optim")
+    for state in base.state.values():
+        if "step" in state:  # a new object for each state: none is shared
+            step = float(state["step"])
+            state["step"] = torch.tensor(step, dtype=torch.float32) if tensor_steps else int(step)
 
 
 def resolve_resume(resume: str, run_dir: RunDir) -> Path | None:
@@ -127,6 +150,8 @@ def load(engine, path: Path, state: TrainState, *, universal: bool, seed: int) -
     loaded, _ = engine.load_checkpoint(str(root), tag=tag, load_module_strict=True)
     if loaded is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}")
+    if universal:
+        _repair_universal_load(engine, path / UNIVERSAL)
     rank = dist.get_rank()
     if saved["world_size"] == dist.get_world_size():
         state.load_state_dict({**saved, **torch.load(rank_state_file(path, rank), weights_only=False)})

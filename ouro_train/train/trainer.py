@@ -81,7 +81,10 @@ class Trainer:
         self.grad_accum = self.geometry.grad_accum
         self.topology = checkpoint.Topology.of(self.world, cfg.deepspeed)
         self.resume_from = checkpoint.resolve_resume(cfg.resume, self.run_dir)
-        self._universal = self.resume_from is not None and checkpoint.needs_universal(self.resume_from, self.topology)
+        random_frozen_base = cfg.model.init == ModelInit.random and (
+            cfg.lora.enabled or cfg.objective.name == Objective.gate)
+        self._universal = self.resume_from is not None and checkpoint.needs_universal(
+            self.resume_from, self.topology, random_frozen_base=random_frozen_base)
         self._ds_config = build_ds_config(cfg.deepspeed, cfg.optim, micro_batch=cfg.train.micro_batch_size,
                                           grad_accum=self.grad_accum, world_size=self.world,
                                           load_universal=self._universal)

@@ -1,10 +1,13 @@
 """A checkpoint in DeepSpeed's universal format, for a resume on another number of processes or ZeRO stage.
 
-DeepSpeed's `ds_to_universal` rewrites the ZeRO-1/2 shards as one set of files per parameter (fp32 master
-weights and Adam moments), which a ZeRO-1/2 engine of any world size loads with
-`"checkpoint": {"load_universal": true}` (ZeRO-3: see `checkpoint.needs_universal`). It runs once per
-checkpoint, on rank 0, into `universal.tmp` beside the shards; the COMPLETE marker is written last and the directory is then renamed to `universal`,
-so a conversion killed at any moment leaves nothing that counts, and the next attempt starts over.
+DeepSpeed's `ds_to_universal` rewrites the ZeRO-1/2/3 shards as one set of files per parameter (fp32
+master weights and Adam moments), which an engine of any world size and ZeRO stage 1-3 loads with
+`"checkpoint": {"load_universal": true}`. DeepSpeed 0.19.8 writes two layouts, one for ZeRO-1/2 sources
+and one for ZeRO-3 ones, and each stage's loader reads only its own: `_loadable_under_every_stage` gives
+the copy both, so ZeRO-1/2 <-> ZeRO-3 work too. The conversion runs once per checkpoint, on rank 0, into
+`universal.tmp` beside the shards; the COMPLETE marker is written last and the directory is then renamed
+to `universal`, so a conversion killed at any moment leaves nothing that counts, and the next attempt
+starts over.
 """
 
 from __future__ import annotations
@@ -15,15 +18,23 @@ import time
 from argparse import Namespace
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from ouro_train.run_dir import (
     COMPLETE,
     is_complete,
     latest_universal_file,
+    module_states_file,
     universal_dir,
+    universal_optimizer_file,
+    universal_params_dir,
+    universal_step_file,
     universal_tmp_dir,
+    zero3_module_states_file,
 )
+
+_OPTIM_STATE_DICT = "optimizer_state_dict"  # ZeRO-3's optimizer state inside optimizer_state.pt
 
 
 def ensure_universal(checkpoint: Path, log=print) -> Path:
@@ -39,7 +50,7 @@ def ensure_universal(checkpoint: Path, log=print) -> Path:
 
 
 def convert(checkpoint: Path) -> Path:
-    """`checkpoint` (a complete ZeRO-1/2 checkpoint) to `checkpoint/universal`, atomically."""
+    """`checkpoint` (a complete ZeRO-1/2/3 checkpoint) to `checkpoint/universal`, atomically."""
     from deepspeed.checkpoint import ds_to_universal
 
     tmp, target = universal_tmp_dir(checkpoint), universal_dir(checkpoint)
@@ -51,9 +62,36 @@ def convert(checkpoint: Path) -> Path:
         inject_missing_state=True,  # our module declares no tensor-parallel patterns: there are none
     ))
     latest_universal_file(tmp).unlink(missing_ok=True)  # resume names the directory itself
+    _loadable_under_every_stage(tmp)
     (tmp / COMPLETE).touch()
     os.replace(tmp, target)
     return target
+
+
+def _loadable_under_every_stage(out: Path) -> None:
+    """DeepSpeed 0.19.8 writes a ZeRO-1/2 and a ZeRO-3 checkpoint's universal copy in two layouts, and
+    each stage's loader reads only its own. Give `out` both: per-parameter files as {"param": tensor of
+    the parameter's shape} with a step.pt beside them; optimizer_state.pt with the stage-1/2 keys and the
+    stage-3 `optimizer_state_dict` (its Adam step only); the module states file under both names."""
+    optim = torch.load(universal_optimizer_file(out), weights_only=False)
+    inner = optim.get(_OPTIM_STATE_DICT)
+    stage12, stage3 = module_states_file(out), zero3_module_states_file(out)
+    if inner is not None:  # from ZeRO-3: flat tensors, the step only in rank 0's optimizer state
+        module_states = torch.load(stage3, weights_only=False)
+        step = inner["state"][0]["step"]
+        for name, shape in ((k, v) for group in module_states["param_shapes"] for k, v in group.items()):
+            for state in (universal_params_dir(out) / name).glob("*.pt"):
+                torch.save({"param": torch.load(state, weights_only=False).view(shape)}, state)
+            torch.save(step.clone() if torch.is_tensor(step) else step, universal_step_file(out, name))
+        optim.pop("fp32_flat_groups", None)  # rank 0's partition, in the per-parameter files already
+        optim.setdefault("ds_version", module_states["ds_version"])
+        shutil.copyfile(stage3, stage12)
+    else:  # from ZeRO-1/2: every trained parameter has its step.pt
+        steps = (universal_step_file(out, p.name) for p in universal_params_dir(out).iterdir())
+        step = torch.load(next(f for f in steps if f.is_file()), weights_only=False)
+        shutil.copyfile(stage12, stage3)
+    optim[_OPTIM_STATE_DICT] = {"state": {0: {"step": step}}, "param_groups": optim["param_groups"]}
+    torch.save(optim, universal_optimizer_file(out))
 
 
 def disk_size(path: Path) -> int:
