@@ -1,8 +1,11 @@
 """Ulysses sequence parallelism is exact: 2 processes with parallel.sequence_parallel_size=2 (one row
 split between them) and 4 processes with SP=2 × DP=2 take the same three optimizer steps as one
 process without SP on the same packed rows (documents crossing the shard boundary, `step+layer`
-checkpointing, ZeRO-2): the same losses and the same full gradients before every update. Wrong
-settings fail before any work."""
+checkpointing, ZeRO-2): the same losses and the same full gradients before every update. (One process
+is the reference for SP=2 × DP=2 too: a step does not depend on how the batch is split over data-parallel
+ranks, `test_trainer_steps`.) The SP run's evaluation (run without SP) scores like the reference's, and
+its step-2 checkpoint resumes on one process without SP into the reference's step 3. Wrong settings
+fail before any work."""
 
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from conftest import REPO_ROOT
 from grad_recorder import GradRecorder
 from train_helpers import ENV, compose_run, metrics
 from ouro_train.config import ConfigError
+from ouro_train.run_dir import RunDir
 from ouro_train.train.engine import free_port
 from ouro_train.train.trainer import Trainer
 
@@ -26,7 +30,8 @@ SEQ = 128
 # Adam with eps = 1 moves each weight by about lr·g: later steps' gradients see the earlier ones.
 RUN = ("max_steps=3", f"data.max_seq_len={SEQ}", "model.checkpointing=step+layer", "deepspeed=zero2",
        "train.micro_batch_size=1", "train.global_batch_size=2", "optim.lr=0.1", "optim.eps=1.0",
-       "optim.warmup_steps=0", "checkpoint.every_n_steps=3", "wandb.mode=disabled", "export_at_end=false")
+       "optim.warmup_steps=0", "checkpoint.every_n_steps=2", "wandb.mode=disabled", "export_at_end=false",
+       f"data.eval_files=[{REPO_ROOT / 'data' / 'eval' / 'math_eval.jsonl'}]")
 
 
 def overrides(output_dir, cache, *extra):
@@ -84,14 +89,39 @@ def test_the_rows_have_documents_across_the_shard_boundary(reference):
     assert bool(crossing.any()), "the test rows should pack documents across the SP shard boundary"
 
 
+@pytest.fixture(scope="module")
+def sp2(tmp_path_factory, cache):
+    out = tmp_path_factory.mktemp("sp2")
+    return out, run_recorded(out, cache, 2, "parallel.sequence_parallel_size=2")
+
+
 @pytest.mark.parametrize("nproc", [2, 4], ids=["sp2", "sp2xdp2"])
-def test_sequence_parallel_takes_the_same_steps(tmp_path, cache, reference, nproc):
-    got = run_recorded(tmp_path, cache, nproc, "parallel.sequence_parallel_size=2")
-    loss, grad = max_relative_differences(tmp_path, got, *reference)
+def test_sequence_parallel_takes_the_same_steps(request, tmp_path, cache, reference, nproc):
+    if nproc == 2:
+        out, got = request.getfixturevalue("sp2")
+    else:
+        out, got = tmp_path, run_recorded(tmp_path, cache, nproc, "parallel.sequence_parallel_size=2")
+    loss, grad = max_relative_differences(out, got, *reference)
     print(f"SP=2 on {nproc} processes vs 1 process: max rel diff loss {loss:.2e}, gradients {grad:.2e}")
     assert loss <= 1e-5 and grad <= 1e-5, (loss, grad)
-    step3 = metrics(tmp_path)[3]
-    assert math.isclose(step3["grad_norm"], metrics(reference[0])[3]["grad_norm"], rel_tol=1e-5)
+    assert math.isclose(metrics(out)[3]["grad_norm"], metrics(reference[0])[3]["grad_norm"], rel_tol=1e-5)
+
+
+def test_evaluation_during_sp_training_runs_without_sp(sp2, reference):
+    """Every rank scores its own eval rows whole; on 2 ranks the eval set's odd last row is left out."""
+    got, ref = metrics(sp2[0], split="eval")[3], metrics(reference[0], split="eval")[3]
+    assert 0.95 * ref["eval_tokens"] < got["eval_tokens"] <= ref["eval_tokens"]
+    assert math.isclose(got["eval_loss"], ref["eval_loss"], rel_tol=0.02)
+
+
+def test_an_sp_checkpoint_resumes_on_one_process_without_sp(sp2, reference, cache, tmp_path):
+    step2 = RunDir(sp2[0]).checkpoint(2)
+    trainer = Trainer(compose_run(*overrides(tmp_path, cache, f"resume={step2}")))
+    assert trainer.state.step == 2
+    trainer.train()
+    got, ref = metrics(tmp_path)[3], metrics(reference[0])[3]
+    assert got["supervised_tokens"] == ref["supervised_tokens"]
+    assert math.isclose(got["loss"], ref["loss"], rel_tol=1e-5)
 
 
 # --------------------------------------------------------------------------- wrong settings, no training
