@@ -152,3 +152,36 @@ def test_sp_not_dividing_the_processes_or_heads_fails_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match="2 does not divide the 3 processes"):
         compute_plan(compose_run(f"output_dir={tmp_path}", "parallel.sequence_parallel_size=2", "plan.gpus=3",
                                  "plan.estimate_memory=false", "plan.tok_per_s_per_gpu=1000"))
+
+
+# --------------------------------------------------------------------------- cheap: sharding, plan, memory
+def test_sharded_labels_give_every_target_of_the_row_once():
+    from ouro_train.model.loss import supervised_targets
+    from ouro_train.model.sequence_parallel import SequenceParallel
+
+    labels = torch.randint(3, 100, (2, 12))
+    labels[:, [0, 5, 8]] = -100
+    mask, targets = supervised_targets(labels)
+    shards = [supervised_targets(SequenceParallel(None, r, 3).shard_labels(labels)) for r in range(3)]
+    assert all(m.shape == (2, 4) for m, _ in shards)  # one predicting position per token of the shard
+    assert sum(t.numel() for _, t in shards) == targets.numel()
+    per_row = [torch.cat([SequenceParallel(None, r, 3).shard_labels(labels)[b, 1:] for r in range(3)])
+               for b in range(2)]
+    assert all(torch.equal(row[:11], labels[b, 1:]) and row[11] == -100 for b, row in enumerate(per_row))
+
+
+def test_plan_and_memory_estimate_account_for_sp(tmp_path):
+    from ouro_train.train import memory
+    from ouro_train.train.plan import compute_plan
+
+    common = (f"output_dir={tmp_path}", "plan.gpus=4", "plan.tok_per_s_per_gpu=1000", "train.global_batch_size=4",
+              "train.micro_batch_size=1")
+    plain = compute_plan(compose_run(*common))
+    split = compute_plan(compose_run(*common, "parallel.sequence_parallel_size=2"))
+    assert (split["sequence_parallel_size"], split["data_parallel_size"]) == (2, 2)
+    assert split["sequences_per_step"] == plain["sequences_per_step"] == 4  # the batch counts rows
+    assert split["optimizer_steps"] == plain["optimizer_steps"]
+    # One rank of the group holds half the tokens outside attention: well under the whole row's activations.
+    ratio = split["memory"]["components"]["activations"] / plain["memory"]["components"]["activations"]
+    assert 0.4 < ratio < 0.75, ratio
+    assert split["memory"]["components"]["optimizer"] == plain["memory"]["components"]["optimizer"]
