@@ -22,9 +22,9 @@ backward is the same exchange in reverse). DeepSpeed's Ulysses `DistributedAtten
 `_SeqAllToAll` work in a [B, S, H, D] layout and exchange q, k and v in three separate collectives;
 our attention works in [B, H, S, D] (what SDPA and FlexAttention take), so using them costs two layout
 copies per tensor per call, and here q, k and v travel in ONE all-to-all (3 → 1 launches, 96 × per
-forward). `_SeqAllToAll` is also private API. The DeepSpeed engine's sequence-parallel `mpu` hooks
-are not used either: see `ouro_train.train.trainer` for how the gradient normalisation comes out the
-same without them.
+forward). `_SeqAllToAll` is also private API. The DeepSpeed engine's sequence-parallel `mpu` is not
+used either: `ouro_train.train.trainer` says why, and how the gradient normalisation comes out the same
+without it.
 
 The process group is passed in; this module knows nothing of how groups are formed.
 """

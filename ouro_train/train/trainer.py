@@ -24,10 +24,11 @@ of look-ahead, so a target is on exactly one rank), and N counts every target of
 normalisation then stays as above: the backward of the all-to-alls carries each rank's loss gradient
 to the ranks whose tokens it attended to, so the parameter gradients summed over all ranks are the
 gradient of Σ token losses, and DeepSpeed's average over all `world` ranks is undone by the factor
-`world`. (DeepSpeed's own sequence-parallel mode, an `mpu` with `get_sequence_parallel_group`, sums
-over the same ranks and divides by world / N instead: the same gradient. It is not used because its
-`mpu` doubles as the model-parallel one and names the module checkpoint files by sequence-parallel
-rank, which the universal conversion for a resume on another topology reads as tensor parallelism.)
+`world`. (DeepSpeed's own sequence-parallel mode, `mpu=deepspeed.runtime.sequence_parallel.parallel_state_sp`,
+sums over the same ranks and divides by world / N instead: the same gradient. It is not used because
+that `mpu` aliases the model-parallel size to N, and the engine records it as the tensor-parallel
+degree of every ZeRO checkpoint (`_checkpoint_parallel_metadata`), the degree the universal conversion
+for a resume on another topology splits by.)
 ZeRO partitions over all ranks either way, so checkpoints have the layout of a run without SP and
 resume on any topology as those do. Evaluation during training runs without SP: every rank scores
 its own eval rows whole (no gradients: far less memory than a training step).
