@@ -175,7 +175,7 @@ def test_plan_and_memory_estimate_account_for_sp(tmp_path):
     from ouro_train.train.plan import compute_plan
 
     common = (f"output_dir={tmp_path}", "plan.gpus=4", "plan.tok_per_s_per_gpu=1000", "train.global_batch_size=4",
-              "train.micro_batch_size=1")
+              "train.micro_batch_size=1", f"data.max_seq_len={SEQ}")
     plain = compute_plan(compose_run(*common))
     split = compute_plan(compose_run(*common, "parallel.sequence_parallel_size=2"))
     assert (split["sequence_parallel_size"], split["data_parallel_size"]) == (2, 2)
