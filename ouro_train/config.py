@@ -200,6 +200,20 @@ class TrainConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How ranks share the work beyond data parallelism."""
+
+    # Ulysses sequence parallelism: this many ranks take the same packed row, S/N tokens each (all S
+    # for H/N heads inside attention). Must divide the number of processes and the attention and KV
+    # heads (checked at start-up, before data or weights), and data.max_seq_len. 1: off.
+    sequence_parallel_size: int = 1
+
+    def check(self, at: str) -> None:
+        _require(self.sequence_parallel_size >= 1, f"{at}.sequence_parallel_size",
+                 f"must be >= 1, got {self.sequence_parallel_size}")
+
+
+@dataclass
 class OptimConfig:
     lr: float = 2e-5
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
@@ -391,6 +405,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
@@ -412,6 +427,10 @@ class RunConfig:
         _require(self.max_steps is None or self.max_steps >= 1, "max_steps", f"must be >= 1, got {self.max_steps}")
         _require(not (self.objective.name == Objective.gate and self.lora.enabled), "objective.name",
                  "gate trains the exit gate alone; it cannot be combined with lora.enabled=true")
+        sp = self.parallel.sequence_parallel_size
+        _require(sp < 1 or self.data.max_seq_len % sp == 0, "parallel.sequence_parallel_size",
+                 f"data.max_seq_len={self.data.max_seq_len} does not split into {sp} equal shards "
+                 f"(choose a max_seq_len that is a multiple of {sp})")
         tokens = self.train.global_batch_tokens
         _require(tokens is None or tokens % self.data.max_seq_len == 0, "train.global_batch_tokens",
                  f"{tokens} is not a multiple of data.max_seq_len={self.data.max_seq_len} (the length of a packed row)")

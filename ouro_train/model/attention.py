@@ -39,6 +39,9 @@ class AttentionPlan:
     mask: torch.Tensor | None = None  # bool [B, 1, S, K] (True = attend); None with is_causal / no mask
     is_causal: bool = False
     block_mask: "BlockMask | None" = None
+    # Ulysses sequence parallelism (`sequence_parallel.SequenceParallel`): the layer holds S/N tokens and
+    # exchanges q, k, v for head shards around the kernel; the mask above is the whole row's.
+    sequence_parallel: object = None
 
 
 def document_ids(position_ids: torch.Tensor) -> torch.Tensor | None:

@@ -97,7 +97,12 @@ class OuroAttention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v, cache_slot)
+        sp = plan.sequence_parallel
+        if sp is not None:  # this rank's tokens, all heads -> all tokens, this rank's heads
+            q, k, v = sp.heads_from_sequence(q, k, v)
         out = attend(q, k, v, plan, scale=self.scale, dropout=self.dropout if self.training else 0.0)
+        if sp is not None:
+            out = sp.sequence_from_heads(out)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
 

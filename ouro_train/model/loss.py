@@ -39,8 +39,10 @@ def supervised_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 
 def at_supervised(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """[B, S, ...] -> [N, ...] at the predicting positions of `mask` (see `supervised_targets`)."""
-    return x[:, :-1][mask]
+    """[B, S, ...] -> [N, ...] at the predicting positions of `mask` (see `supervised_targets`).
+    `mask` covers the first S-1 positions, or all S for labels with one label of look-ahead (a
+    sequence-parallel shard: `SequenceParallel.shard_labels`)."""
+    return x[:, : mask.shape[1]][mask]
 
 
 def chunked_cross_entropy(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:

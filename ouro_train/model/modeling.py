@@ -14,6 +14,7 @@ every step's hidden states from the same forward pass, which the training object
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -154,12 +155,25 @@ class OuroModel(OuroPreTrainedModel):
         output_hidden_states: bool | None = None,
         total_ut_steps: int | None = None,
         cu_seq_lens: torch.Tensor | None = None,
+        sequence_parallel=None,
         **kwargs,
     ) -> OuroModelOutput:
+        """`sequence_parallel` (a `sequence_parallel.SequenceParallel`, training only): the inputs are the
+        whole rows [B, S]; this rank embeds and returns its S/N tokens, attention sees all S."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        sp = sequence_parallel
+        full = input_ids if inputs_embeds is None else inputs_embeds
+        batch, seq = full.shape[:2]
+        if sp is not None:
+            if past_key_values is not None:
+                raise ValueError("sequence parallelism is for training: it does not run with a KV cache")
+            use_cache = False
+            if inputs_embeds is None:
+                input_ids = sp.shard(input_ids)
+            else:
+                inputs_embeds = sp.shard(inputs_embeds)
         h = embeds = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        batch, seq = h.shape[:2]
         steps = total_ut_steps or self.config.total_ut_steps
         num_layers = len(self.layers)
         checkpointing = self.activation_checkpointing if torch.is_grad_enabled() else "none"
@@ -183,8 +197,10 @@ class OuroModel(OuroPreTrainedModel):
         doc_ids = document_ids(position_ids) if position_ids is not None and past_len == 0 else None
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + seq, device=h.device)[None].expand(batch, -1)
-        rope = self.position_embeddings(position_ids, h.dtype)
+        rope = self.position_embeddings(position_ids if sp is None else sp.shard(position_ids), h.dtype)
         plans = self.attention_plans(batch, seq, past_len, attention_mask, doc_ids, device=h.device)
+        if sp is not None:  # the whole row's masks; each layer exchanges its q, k, v for head shards
+            plans = {kind: dataclasses.replace(plan, sequence_parallel=sp) for kind, plan in plans.items()}
 
         step_states, gates = [], []
         for step in range(steps):
@@ -293,13 +309,18 @@ class OuroForCausalLM(OuroPreTrainedModel, GenerationMixin):
         total_ut_steps: int | None = None,
         cu_seq_lens: torch.Tensor | None = None,
         compute_logits: bool = True,
+        sequence_parallel=None,
         **kwargs,
     ) -> OuroCausalLMOutput | tuple:
         """Upstream's call signature, plus `total_ut_steps` and `cu_seq_lens` per call, and
         `compute_logits=False` (without labels) to return only the exit pdf, gate logits and step
-        states: training objectives apply the head themselves."""
+        states: training objectives apply the head themselves. `sequence_parallel`: see `OuroModel`;
+        every output then covers this rank's tokens only (with `compute_logits=False`, no labels)."""
         if output_attentions:
             raise ValueError("output_attentions is not supported by OuroForCausalLM (fused attention kernels)")
+        if sequence_parallel is not None and (labels is not None or compute_logits):
+            raise ValueError("sequence parallelism returns step states for the training objectives: pass "
+                             "compute_logits=False and no labels (shard them with SequenceParallel.shard_labels)")
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -310,6 +331,7 @@ class OuroForCausalLM(OuroPreTrainedModel, GenerationMixin):
             output_hidden_states=output_hidden_states,
             total_ut_steps=total_ut_steps,
             cu_seq_lens=cu_seq_lens,
+            sequence_parallel=sequence_parallel,
         )
         states = out.step_hidden_states
         pdf = exit_pdf(out.gate_logits)

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ouro_train.config import DeepSpeedConfig, OptimConfig
+from ouro_train.config import ConfigError, DeepSpeedConfig, OptimConfig
+from ouro_train.model.sequence_parallel import SequenceParallel
 
 
 def bf16_enabled(cfg: DeepSpeedConfig) -> bool:
@@ -144,3 +145,33 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def check_sequence_parallel(size: int, world_size: int, num_heads: int, num_kv_heads: int | None) -> None:
+    """`parallel.sequence_parallel_size` against the number of processes and the model's heads: what
+    the config alone cannot tell, checked before any data or weights are touched."""
+    at = "parallel.sequence_parallel_size"
+    if world_size % size:
+        raise ConfigError(f"{at}: {size} does not divide the {world_size} processes (each group of {size} "
+                          f"ranks shares one row; use a divisor of {world_size})")
+    kv_heads = num_kv_heads or num_heads
+    for what, heads in (("attention heads", num_heads), ("key-value heads", kv_heads)):
+        if heads % size:
+            divisors = [d for d in range(1, heads + 1) if heads % d == 0 and kv_heads % d == 0]
+            raise ConfigError(f"{at}: {size} does not divide the model's {heads} {what} (attention runs on "
+                              f"heads/{size} per rank); choose one of {divisors}")
+
+
+def sequence_parallel_group(size: int) -> SequenceParallel | None:
+    """This rank's sequence-parallel group: consecutive ranks [g·size, (g+1)·size) (on one node when
+    `size` divides the GPUs per node, where the all-to-all is fastest). Collective: every rank creates
+    every group. None for `size` 1. The data-parallel rank of a process is then rank // size."""
+    if size == 1:
+        return None
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = None
+    for start in range(0, world, size):
+        group = dist.new_group(list(range(start, start + size)))
+        if start <= rank < start + size:
+            mine = group
+    return SequenceParallel(mine, rank % size, size)

@@ -5,7 +5,10 @@
 - **Activations** are traced, not modelled: one real forward + objective + backward of our model (with
   the recipe's checkpointing, objective and LoRA) runs under `FakeTensorMode`, so tensors carry shapes
   and dtypes but no data, and torch's `MemTracker` follows every storage as it is created and freed.
-  A 1.4B model at 32K tokens traces in seconds on a CPU. The trace runs on fake *CPU* tensors: the
+  A 1.4B model at 32K tokens traces in seconds on a CPU. Under sequence parallelism the trace is of
+  one rank of the group: S/N tokens through embeddings, norms, MLPs, gate and loss, and attention on all
+  S tokens for H/N heads, with an all-to-all stand-in that creates the same buffers (one rank's
+  exchange with itself: shapes, not data, matter here). The trace runs on fake *CPU* tensors: the
   CPU-only torch build cannot run autograd on fake CUDA tensors. Causal SDPA picks a flash kernel on
   both devices (output + log-sum-exp per query), so the activations are the same tensors the GPU holds.
 - **Model states** follow DeepSpeed's ZeRO partitioning over the data-parallel world: bf16 parameters
@@ -39,6 +42,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ouro_train.config import DeepSpeedConfig, LoraConfig, ModelInit, Objective, ObjectiveConfig, RunConfig
 from ouro_train.model import OuroConfig, OuroForCausalLM
 from ouro_train.model.configuration import RELEASED_ARCHITECTURES
+from ouro_train.model.sequence_parallel import SequenceParallel
 from ouro_train.train.lora import apply_lora
 
 GIB = 2**30
@@ -57,6 +61,7 @@ class StepShape:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     bf16: bool = True
+    sequence_parallel: int = 1  # ranks sharing each row (Ulysses): this rank holds seq_len / N of it
 
 
 def step_memory(config: OuroConfig, shape: StepShape, ds: DeepSpeedConfig, world_size: int,
@@ -128,7 +133,8 @@ def activation_peak_bytes(model: nn.Module, shape: StepShape, keep_grads: bool =
         hooks = [] if keep_grads else [
             p.register_post_accumulate_grad_hook(_drop_grad) for p in model.parameters() if p.requires_grad
         ]
-        with StoragePeak() as tracker, _SupervisedCount(shape.micro_batch_size * (shape.seq_len - 1)):
+        targets = shape.seq_len // shape.sequence_parallel if shape.sequence_parallel > 1 else shape.seq_len - 1
+        with StoragePeak() as tracker, _SupervisedCount(shape.micro_batch_size * targets):
             run_step(model, shape)
         for hook in hooks:
             hook.remove()
@@ -192,6 +198,23 @@ class _SupervisedCount(TorchDispatchMode):
         return positions
 
 
+class _SelfExchange(SequenceParallel):
+    """A sequence-parallel rank whose all-to-all is a copy: the buffers of the real exchange, no group."""
+
+    def _all_to_all(self, x: torch.Tensor) -> torch.Tensor:
+        return _Copy.apply(x)
+
+
+class _Copy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone(memory_format=torch.contiguous_format)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.clone(memory_format=torch.contiguous_format)
+
+
 _BOOL_INDEXING_OPS = (torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default,
                       torch.ops.aten.index_put_.default, torch.ops.aten._index_put_impl_.default)
 
@@ -210,7 +233,11 @@ def run_step(model: nn.Module, shape: StepShape, generator: torch.Generator | No
     ids = torch.randint(0, vocab, (shape.micro_batch_size, shape.seq_len), device=device, generator=generator)
     labels = ids.clone()
     labels[:, 0] = -100
-    out = model(input_ids=ids, use_cache=False, compute_logits=False)
+    kwargs = {}
+    if shape.sequence_parallel > 1:  # rank 0 of a group: its shard of the row, its targets
+        kwargs["sequence_parallel"] = _SelfExchange(None, 0, shape.sequence_parallel)
+        labels = kwargs["sequence_parallel"].shard_labels(labels)
+    out = model(input_ids=ids, use_cache=False, compute_logits=False, **kwargs)
     result = compute_objective(shape.objective, out, labels, model.get_output_embeddings())
     loss = result.loss_sum / result.num_tokens.clamp_min(1)
     loss.backward()
@@ -247,7 +274,7 @@ def planned_model_config(run: RunConfig) -> OuroConfig:
 def step_shape(run: RunConfig, checkpointing: str, seq_len: int | None = None) -> StepShape:
     return StepShape(seq_len=seq_len or run.data.max_seq_len, micro_batch_size=run.train.micro_batch_size,
                      checkpointing=checkpointing, objective=run.objective, lora=run.lora,
-                     bf16=run.deepspeed.bf16 is not False)
+                     bf16=run.deepspeed.bf16 is not False, sequence_parallel=run.parallel.sequence_parallel_size)
 
 
 def fits(peak_bytes: int, gpu_gib: float) -> bool:
@@ -268,9 +295,12 @@ def longest_seq_len(config: OuroConfig, run: RunConfig, checkpointing: str, worl
     """The longest max_seq_len (a multiple of 256) whose peak fits `gpu_gib`. Every activation grows
     linearly with the length (flash attention keeps O(S) per query; the loss is chunked), so the peak
     traced at the configured length (`at`) and at half of it fixes the line."""
-    seq = run.data.max_seq_len
-    half = step_memory(config, step_shape(run, checkpointing, max(2, seq // 2)), run.deepspeed, world_size)["peak"]
-    per_token = (at["peak"] - half) / (seq - max(2, seq // 2))
+    seq, sp = run.data.max_seq_len, run.parallel.sequence_parallel_size
+    half_len = max(2 * sp, seq // 2 // sp * sp)  # still whole shards under sequence parallelism
+    if half_len >= seq:
+        return seq
+    half = step_memory(config, step_shape(run, checkpointing, half_len), run.deepspeed, world_size)["peak"]
+    per_token = (at["peak"] - half) / (seq - half_len)
     if per_token <= 0:
         return seq
     longest = seq + ((gpu_gib - CONTEXT_RESERVE_GIB) * GIB - at["peak"]) / per_token

@@ -6,7 +6,9 @@ tokenization). Tokens are examples × `plan.tokens_per_example` (an estimate: `o
 the real figure and the packing efficiency once the data is prepared).
 
 Memory per GPU: `train/memory.py` (one step traced on fake tensors + ZeRO's partitioning of the model
-states), for `plan.gpus` ranks. Time: tokens per second per GPU = the GPU's bf16 peak × the hardware
+states), for `plan.gpus` ranks. With `parallel.sequence_parallel_size=N` the batch counts rows over
+plan.gpus / N data-parallel groups, each GPU holds S/N tokens of its row (attention: all S for H/N
+heads), and ZeRO still partitions over all plan.gpus. Time: tokens per second per GPU = the GPU's bf16 peak × the hardware
 FLOPs utilization of the last recorded benchmark (`bench/results/*.json`) ÷ the hardware FLOPs per
 token of this configuration (recomputation included). The whole plan is written to
 `output_dir/plan.json`.
@@ -22,6 +24,7 @@ from ouro_train.config import REPO_ROOT, RunConfig
 from ouro_train.model.flops import hardware_flops_per_token, peak_bf16_flops, training_flops_per_token
 from ouro_train.train import memory
 from ouro_train.train.batch import batch_geometry, total_steps
+from ouro_train.train.engine import check_sequence_parallel
 
 PACKING_EFFICIENCY = 0.97  # best-fit packing of long-CoT data into 32K rows; ouro-prepare reports the real one
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
@@ -36,12 +39,15 @@ def compute_plan(cfg: RunConfig) -> dict:
         examples = sum(p.target for p in plan(cfg.data, "train"))
     tokens_per_epoch = examples * cfg.plan.tokens_per_example
     rows_per_epoch = math.ceil(tokens_per_epoch / (cfg.data.max_seq_len * PACKING_EFFICIENCY))
-    geometry = batch_geometry(cfg.train, cfg.data.max_seq_len, cfg.plan.gpus)
+    sp = cfg.parallel.sequence_parallel_size
+    config = memory.planned_model_config(cfg)
+    if sp > 1:
+        check_sequence_parallel(sp, cfg.plan.gpus, config.num_attention_heads, config.num_key_value_heads)
+    geometry = batch_geometry(cfg.train, cfg.data.max_seq_len, cfg.plan.gpus // sp)
     sequences_per_step = geometry.sequences_per_step
     steps = total_steps(cfg.max_steps, cfg.train.epochs, geometry.steps_per_epoch(rows_per_epoch))
     train_tokens = steps * sequences_per_step * cfg.data.max_seq_len * PACKING_EFFICIENCY
 
-    config = memory.planned_model_config(cfg)
     checkpointing = cfg.model.checkpointing.value
     if checkpointing == "auto":
         checkpointing = memory.choose_checkpointing(cfg, config, cfg.plan.gpus, cfg.plan.gpu_memory_gib)
@@ -57,6 +63,8 @@ def compute_plan(cfg: RunConfig) -> dict:
         "optimizer_steps": steps,
         "training_tokens": train_tokens,
         "gpus": cfg.plan.gpus,
+        "sequence_parallel_size": sp,
+        "data_parallel_size": cfg.plan.gpus // sp,
         "checkpointing": checkpointing,
         "time": dict(time, wall_hours=seconds / 3600, gpu_hours=seconds * cfg.plan.gpus / 3600),
     }
@@ -139,6 +147,9 @@ def format_compute_plan(plan: dict) -> str:
         f"optimizer steps       {plan['optimizer_steps']:>16,}",
         f"training tokens       {plan['training_tokens']:>16,.0f}",
         f"checkpointing         {plan['checkpointing']:>16}",
+        *([f"sequence parallel     {plan['sequence_parallel_size']:>16}   ranks per row "
+           f"({plan['data_parallel_size']} data-parallel groups; S/{plan['sequence_parallel_size']} tokens per GPU "
+           "outside attention)"] if plan.get("sequence_parallel_size", 1) > 1 else []),
         f"throughput            {t['tok_per_s_per_gpu']:>16,.0f} tok/s per GPU × {plan['gpus']} GPUs",
     ]
     if "mfu" in t:

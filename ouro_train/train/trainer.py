@@ -16,6 +16,23 @@ One optimizer step:
   divides by grad_accum and averages over ranks, so the gradient is that of Σ token losses / N: the
   result does not depend on how the batch is split); `engine.step()`; log; evaluate; checkpoint.
 
+Sequence parallelism (`parallel.sequence_parallel_size=N`, `model/sequence_parallel.py`): groups of N
+consecutive ranks read the same rows (the loader's data-parallel world is world / N, so the global
+batch still counts rows) and each rank computes its S/N tokens of every row; attention exchanges q, k, v
+within the group. Each rank's objective sums the losses of its own targets (its labels carry one label
+of look-ahead, so a target is on exactly one rank), and N counts every target of the step once. The
+normalisation then stays as above: the backward of the all-to-alls carries each rank's loss gradient
+to the ranks whose tokens it attended to, so the parameter gradients summed over all ranks are the
+gradient of Σ token losses, and DeepSpeed's average over all `world` ranks is undone by the factor
+`world`. (DeepSpeed's own sequence-parallel mode, `mpu=deepspeed.runtime.sequence_parallel.parallel_state_sp`,
+sums over the same ranks and divides by world / N instead: the same gradient. It is not used because
+that `mpu` aliases the model-parallel size to N, and the engine records it as the tensor-parallel
+degree of every ZeRO checkpoint (`_checkpoint_parallel_metadata`), the degree the universal conversion
+for a resume on another topology splits by.)
+ZeRO partitions over all ranks either way, so checkpoints have the layout of a run without SP and
+resume on any topology as those do. Evaluation during training runs without SP: every rank scores
+its own eval rows whole (no gradients: far less memory than a training step).
+
 Checkpoints every `checkpoint.every_n_steps` and, with `checkpoint.every_n_minutes`, when any rank's clock
 says so (one all-reduce with the stop flag below, so every rank saves the same step).
 SIGTERM / SIGINT: finish the current step, save a checkpoint, exit 0. A non-finite loss: the step is
@@ -42,17 +59,19 @@ from ouro_train.config import ModelInit, Objective, RunConfig, to_plain_dict
 from ouro_train.data import MicroBatchLoader, load_tokenizer, prepare, split_sources
 from ouro_train.model import OuroConfig, OuroForCausalLM
 from ouro_train.model.flops import model_flops_utilization, peak_bf16_flops
-from ouro_train.model.loss import evaluate_loss_per_step
+from ouro_train.model.loss import IGNORE_INDEX, evaluate_loss_per_step
 from ouro_train.run_dir import RunDir
 from ouro_train.train import checkpoint, memory
 from ouro_train.train.batch import batch_geometry, total_steps
 from ouro_train.train.engine import (
     bf16_enabled,
     build_ds_config,
+    check_sequence_parallel,
     init_distributed,
     loraplus_param_groups,
     param_groups,
     scheduler_factory,
+    sequence_parallel_group,
 )
 from ouro_train.train.lora import apply_lora, count_parameters
 from ouro_train.train.metrics import MetricsLogger
@@ -77,7 +96,13 @@ class Trainer:
         self.device = torch.device("cuda", self.local_rank) if torch.cuda.is_available() else torch.device("cpu")
         # What the config alone could not tell is checked before data or weights are touched.
         self._check_model_path()
-        self.geometry = batch_geometry(cfg.train, cfg.data.max_seq_len, self.world)
+        sp = cfg.parallel.sequence_parallel_size
+        if sp > 1:
+            config = self._config_before_build()
+            check_sequence_parallel(sp, self.world, config.num_attention_heads, config.num_key_value_heads)
+        self.sp = sequence_parallel_group(sp)
+        self.dp_rank, self.dp_world = self.rank // sp, self.world // sp  # the data-parallel view of the ranks
+        self.geometry = batch_geometry(cfg.train, cfg.data.max_seq_len, self.dp_world)
         self.grad_accum = self.geometry.grad_accum
         self.topology = checkpoint.Topology.of(self.world, cfg.deepspeed)
         self.resume_from = checkpoint.resolve_resume(cfg.resume, self.run_dir)
@@ -93,8 +118,9 @@ class Trainer:
         self.tokenizer = load_tokenizer(cfg.model, cfg.data.cache_dir)
         self.train_data = self._prepare("train")
         self.eval_data = self._prepare("eval") if split_sources(cfg.data, "eval") else None
-        loader = MicroBatchLoader(self.train_data, cfg.train.micro_batch_size, rank=self.rank,
-                                  world_size=self.world, seed=cfg.data.seed)
+        loader = MicroBatchLoader(self.train_data, cfg.train.micro_batch_size, rank=self.dp_rank,
+                                  world_size=self.dp_world, seed=cfg.data.seed,
+                                  pad_to_multiple_of=math.lcm(8, sp))
         self.total_steps = total_steps(cfg.max_steps, cfg.train.epochs,
                                        self.geometry.steps_per_epoch(len(self.train_data)))
 
@@ -137,6 +163,12 @@ class Trainer:
         if m.init == ModelInit.pretrained and not (m.path and Path(m.path, "config.json").exists()):
             raise ValueError(f"model.path={m.path!r} is not a checkpoint directory with a config.json "
                              "(model.init=pretrained needs one; model.init=random builds a new model)")
+
+    def _config_before_build(self) -> OuroConfig:
+        """The architecture `_build_model` will build (model.path's config or the defaults, with overrides)."""
+        m = self.cfg.model
+        overrides = dict(m.config_overrides)
+        return OuroConfig.from_pretrained(m.path, **overrides) if m.path else OuroConfig(**overrides)
 
     def _build_model(self) -> torch.nn.Module:
         mcfg = self.cfg.model
@@ -270,10 +302,11 @@ class Trainer:
         return True
 
     def _optimizer_step(self, micro_batches: list[dict]) -> dict:
-        local = self._all_reduce(torch.tensor([sum(mb["num_supervised_tokens"] for mb in micro_batches),
-                                               sum(mb["num_tokens"] for mb in micro_batches)], dtype=torch.float64))
+        counts = [self._local_counts(mb) for mb in micro_batches]
+        local = self._all_reduce(torch.tensor([sum(c[0] for c in counts), sum(c[1] for c in counts)],
+                                              dtype=torch.float64))
         supervised, tokens = max(local[0].item(), 1.0), local[1].item()
-        scale = self.grad_accum * self.world / supervised
+        scale = self.grad_accum * self.world / supervised  # all `world` ranks, with or without SP (see above)
         lr = self.engine.get_lr()[0]
         sums: dict[str, torch.Tensor] = {}  # on the device: one host sync per step, not per micro-batch
         for i, mb in enumerate(micro_batches):
@@ -314,12 +347,24 @@ class Trainer:
         for group in self.engine.optimizer.param_groups:
             group["lr"] = 0.0  # the scheduler sets the next update's lr again
 
+    def _local_counts(self, mb: dict) -> tuple[int, int]:
+        """(supervised targets, real tokens) this rank contributes to the step's totals: under sequence
+        parallelism its shard's targets, and the row's tokens counted by the group's first rank only."""
+        if self.sp is None:
+            return mb["num_supervised_tokens"], mb["num_tokens"]
+        supervised = int((self.sp.shard_labels(mb["labels"])[:, 1:] != IGNORE_INDEX).sum())
+        return supervised, mb["num_tokens"] if self.sp.rank == 0 else 0
+
     def _forward(self, mb: dict):
         kwargs = {k: mb[k].to(self.device) for k in ("input_ids", "position_ids")}
         if mb["attention_mask"] is not None:
             kwargs["attention_mask"] = mb["attention_mask"].to(self.device)
+        labels = mb["labels"]
+        if self.sp is not None:  # whole rows in; this rank's tokens' states out, and their labels
+            kwargs["sequence_parallel"] = self.sp
+            labels = self.sp.shard_labels(labels)
         out = self.engine(**kwargs, use_cache=False, compute_logits=False)
-        return compute_objective(self.cfg.objective, out, mb["labels"].to(self.device), self.lm_head)
+        return compute_objective(self.cfg.objective, out, labels.to(self.device), self.lm_head)
 
     def _collective_flags(self) -> tuple[bool, bool]:
         """(a rank was signalled to stop, a rank's clock says a checkpoint is due), the same on every rank:
@@ -386,7 +431,8 @@ class Trainer:
         return (module.get_base_model() if self.cfg.lora.enabled else module).config
 
     def save(self) -> Path:
-        metadata = {"world_size": self.world, "total_steps": self.total_steps, "config": to_plain_dict(self.cfg)}
+        metadata = {"world_size": self.world, "sequence_parallel_size": self.cfg.parallel.sequence_parallel_size,
+                    "total_steps": self.total_steps, "config": to_plain_dict(self.cfg)}
         path = checkpoint.save(self.engine, self.run_dir, self.state, metadata, keep_last=self.cfg.checkpoint.keep_last)
         self._last_save = time.monotonic()
         return path
