@@ -93,25 +93,43 @@ class ChatEncoder:
     def encode_batch(
         self, conversations: Sequence[Sequence[dict]], last_turn_only: bool = False
     ) -> list[tuple[np.ndarray, np.ndarray]]:
-        """[(input_ids int32, supervised bool)] per conversation; all text pieces go through one
-        batched (Rust-parallel) encode call, without offsets (`encode_batch_fast`: same ids, faster)."""
+        """[(input_ids int32, supervised bool)] per conversation."""
+        if not conversations:
+            return []
+        ids, sup, lengths = self.encode_flat(conversations, last_turn_only)
+        bounds = np.cumsum(lengths)[:-1]
+        return list(zip(np.split(ids, bounds), np.split(sup, bounds)))
+
+    def encode_flat(
+        self, conversations: Sequence[Sequence[dict]], last_turn_only: bool = False
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(input_ids int32, supervised bool, tokens per conversation int64), the conversations' ids
+        one after the other. All text pieces go through one batched encode call: `encode_batch`, not
+        `encode_batch_fast`, which gives the same ids but takes about a quarter more CPU time with this
+        tokenizer (tokenizers 0.23). The mask is built per piece, not per token."""
         all_pieces = [self.pieces(c, last_turn_only) for c in conversations]
         texts = [p for pieces in all_pieces for p, _ in pieces if isinstance(p, str) and p]
-        encoded = iter(self._text.encode_batch_fast(texts, add_special_tokens=False))
-        out = []
-        for pieces in all_pieces:
-            ids: list[int] = []
-            sup: list[bool] = []
+        encoded = iter(self._text.encode_batch(texts, add_special_tokens=False))
+        ids: list[int] = []
+        flags: list[bool] = []  # supervised, per piece
+        runs: list[int] = []  # tokens, per piece
+        lengths = np.zeros(len(all_pieces), dtype=np.int64)
+        for i, pieces in enumerate(all_pieces):
+            start = len(ids)
             for piece, supervised in pieces:
                 if isinstance(piece, int):
                     ids.append(piece)
-                    sup.append(supervised)
+                    runs.append(1)
                 elif piece:
                     piece_ids = next(encoded).ids
                     ids += piece_ids
-                    sup += [supervised] * len(piece_ids)
-            out.append((np.asarray(ids, dtype=np.int32), np.asarray(sup, dtype=bool)))
-        return out
+                    runs.append(len(piece_ids))
+                else:
+                    continue
+                flags.append(supervised)
+            lengths[i] = len(ids) - start
+        sup = np.repeat(np.array(flags, dtype=bool), np.array(runs, dtype=np.int64))
+        return np.array(ids, dtype=np.int32), sup, lengths
 
 
 def _text_tokenizer(spec: str) -> Tokenizer:
