@@ -236,34 +236,9 @@ def packing_seconds_per_doc(n: int = 1_000_000, seed: int = 0) -> float:
     return (time.perf_counter() - start) / n
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokenizer", type=Path, default=REPO.parent / "shared" / "ouro-1.4b-files")
-    parser.add_argument("--rows", type=int, default=100_000)
-    parser.add_argument("--num-proc", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--rss-rows", type=int, nargs="*", default=[100_000, 400_000], help="corpus sizes for peak RSS")
-    parser.add_argument("--mean-tokens", type=float, default=4000.0, help="assumed tokens per example of the real mix")
-    parser.add_argument("--out", type=Path, default=REPO / "outputs" / "bench" / "prepare_throughput.json")
-    args = parser.parse_args()
-    if not (args.tokenizer / "tokenizer.json").exists():
-        sys.exit(f"no tokenizer at {args.tokenizer} (pass --tokenizer DIR)")
-    load_before = os.getloadavg()[0]  # other work on the machine skews the numbers: recorded with them
-
-    with tempfile.TemporaryDirectory(prefix="ouro-prepare-bench-") as tmp:
-        work = Path(tmp)
-        files = write_rows(work, args.rows)
-        runs = [in_fresh_process(run_prepare, files, args.tokenizer, n, work) for n in args.num_proc]
-        baseline = in_fresh_process(run_baseline, files, args.tokenizer, work)
-    base = next((r for r in runs if r["num_proc"] == 1), runs[0])  # speed-ups and projection relative to it
-    memory = []
-    for rows in args.rss_rows:
-        r = base
-        if (rows, base["num_proc"]) != (args.rows, 1):  # else the one-process run above is that measurement
-            with tempfile.TemporaryDirectory(prefix="ouro-prepare-rss-") as tmp:
-                r = in_fresh_process(run_prepare, write_rows(Path(tmp), rows), args.tokenizer, 1, Path(tmp))
-        memory.append({"rows": rows, **{k: r[k] for k in MEMORY_KEYS}})
+def report_throughput(args, runs: list, baseline: dict, base: dict, result: dict) -> None:
+    """Print the timed runs, the projection and the comparison with the baseline; add them to `result`."""
     pack_s = packing_seconds_per_doc()
-
     ex_s, tok_s = base["examples_per_s_per_process"], base["tokens_per_s_per_process"]
     projection = {
         "examples": MIX_EXAMPLES,
@@ -274,24 +249,16 @@ def main() -> None:
         "hours_at_assumed_length": (MIX_EXAMPLES * args.mean_tokens / (tok_s * NODE_CORES) + pack_s * MIX_EXAMPLES) / 3600,
         "assumes": "linear scaling to 32 processes of load/validate/tokenize; packing in one process; hub download not included",
     }
-    result = {
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-            "load_average_before_after": [load_before, os.getloadavg()[0]],
-        },
-        "tokenizer": str(args.tokenizer),
+    result.update({
         "rows": args.rows,
         "runs": runs,
         "baseline": baseline,
         "ratio_to_baseline_examples_per_s": ex_s / baseline["examples_per_s"],
         "ratio_to_baseline_tokens_per_s": tok_s / baseline["tokens_per_s"],
         "ratio_to_baseline_cpu": baseline["cpu_seconds"] / base["cpu_seconds"],
-        "memory": memory,
         "packing_seconds_per_document": pack_s,
         "projection_thinking_mix_32_cores": projection,
-    }
+    })
     print(f"{'procs':>5} {'examples':>9} {'tok/ex':>7} {'load+check s':>12} {'tok+pack s':>10} "
           f"{'ex/s/proc':>10} {'tok/s/proc':>11} {'speed-up':>8}")
     for r in runs:
@@ -313,6 +280,49 @@ def main() -> None:
     print(f"{'baseline':<10} {b['examples_per_s']:>10,.0f} {b['tokens_per_s']:>10,.0f} {b['cpu_seconds']:>7.1f}")
     print(f"{'ratio':<10} {ex_s / b['examples_per_s']:>9.2f}x {tok_s / b['tokens_per_s']:>9.2f}x "
           f"{b['cpu_seconds'] / base['cpu_seconds']:>6.2f}x   (ours / baseline; CPU: baseline s / ours s)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokenizer", type=Path, default=REPO.parent / "shared" / "ouro-1.4b-files")
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--num-proc", type=int, nargs="*", default=[1, 2],
+                        help="process counts to time (none: only the memory measurements)")
+    parser.add_argument("--rss-rows", type=int, nargs="*", default=[100_000, 400_000], help="corpus sizes for peak RSS")
+    parser.add_argument("--mean-tokens", type=float, default=4000.0, help="assumed tokens per example of the real mix")
+    parser.add_argument("--out", type=Path, default=REPO / "outputs" / "bench" / "prepare_throughput.json")
+    args = parser.parse_args()
+    if not (args.tokenizer / "tokenizer.json").exists():
+        sys.exit(f"no tokenizer at {args.tokenizer} (pass --tokenizer DIR)")
+    load_before = os.getloadavg()[0]  # other work on the machine skews the numbers: recorded with them
+
+    runs, baseline, base = [], None, None
+    if args.num_proc:
+        with tempfile.TemporaryDirectory(prefix="ouro-prepare-bench-") as tmp:
+            work = Path(tmp)
+            files = write_rows(work, args.rows)
+            runs = [in_fresh_process(run_prepare, files, args.tokenizer, n, work) for n in args.num_proc]
+            baseline = in_fresh_process(run_baseline, files, args.tokenizer, work)
+        base = next((r for r in runs if r["num_proc"] == 1), runs[0])  # speed-ups and projection relative to it
+    memory = []
+    for rows in args.rss_rows:
+        r = base
+        if base is None or (rows, base["num_proc"]) != (args.rows, 1):  # else the one-process run above is that measurement
+            with tempfile.TemporaryDirectory(prefix="ouro-prepare-rss-") as tmp:
+                r = in_fresh_process(run_prepare, write_rows(Path(tmp), rows), args.tokenizer, 1, Path(tmp))
+        memory.append({"rows": rows, **{k: r[k] for k in MEMORY_KEYS}})
+    result = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "load_average_before_after": [load_before, os.getloadavg()[0]],
+        },
+        "tokenizer": str(args.tokenizer),
+        "memory": memory,
+    }
+    if runs:
+        report_throughput(args, runs, baseline, base, result)
     if memory:
         print(f"\nmemory of a one-process prepare, each size in a fresh process (GiB; anon = heap, file = mapped pages)")
         print(f"{'rows':>9} {'tokens':>12} {'token arrays':>12} {'anon before':>11} {'peak anon':>9} "
