@@ -7,15 +7,21 @@
 Generates `--rows` synthetic conversations (half `messages` JSON Lines with multi-turn chat, half
 `sharegpt` with a <think> block, a few hundred to a few thousand tokens each), then runs the whole
 prepare pipeline on them for each `--num-proc` (a fresh process and cache each time): load + validate,
-then tokenize (`.map(num_proc)`), pack and write. Reports examples/s and tokens/s per process, the
-process's peak RSS, and best-fit packing time per document (single process) on lengths shaped like
-long reasoning data.
+then tokenize (`.map(num_proc)`), pack and write. Reports examples/s and tokens/s per process, CPU
+seconds, and best-fit packing time per document (single process) on lengths shaped like long
+reasoning data.
 
 Baseline, in the same run on the same rows: `datasets.load_dataset("json")` + `.map` of
 `tokenizer.apply_chat_template(tokenize=True)` (ids only: no validation, masks, packing or cache), one
-process; the ratio printed is ours / baseline in examples/s. Peak RSS is also measured for one-process
-prepares of each `--rss-rows` size, beside the size of the token arrays they write, to show that memory
-does not grow with the corpus beyond those arrays.
+process; the ratios printed are ours / baseline in examples/s (wall) and in CPU seconds (the fairer
+one on a machine other jobs share).
+
+Memory: a one-process prepare of each `--rss-rows` size runs in a fresh process of its own, with a
+thread sampling /proc/self/status every 20 ms. Reported: the peak of anonymous memory (RssAnon: heap,
+what the process needs), the peak of file-backed pages (RssFile: memory-mapped Arrow and .npy files,
+clean page cache the kernel can take back), the kernel's peak of their sum (VmHWM), the anonymous
+memory before the prepare started (interpreter, libraries, tokenizer), and the bytes of the token
+arrays written (tokens.npy + supervised.npy) for comparison.
 
 Projection for the full mix (8,275,000 examples) on a 32-core node: load + validate + tokenize scale
 with processes (the measured 1 -> 2 process scaling is shown); packing is one process. The real mix
@@ -34,6 +40,7 @@ import random
 import resource
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -50,7 +57,7 @@ from transformers import PreTrainedTokenizerFast  # noqa: E402
 from ouro_train.config import DataConfig, SourceConfig  # noqa: E402
 from ouro_train.data import prepare  # noqa: E402
 from ouro_train.data.pack import best_fit_decreasing  # noqa: E402
-from ouro_train.data.pipeline import check_sources  # noqa: E402
+from ouro_train.data import pipeline  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MIX_EXAMPLES = 3_500_000 + 3_200_000 + 808_000 + 767_000
@@ -93,15 +100,27 @@ def write_rows(directory: Path, rows: int, seed: int = 0) -> list[Path]:
 
 
 def run_prepare(files: list[Path], tokenizer_dir: Path, num_proc: int, work: Path) -> dict:
-    """One prepare, in the calling process: timings, counts and this process's peak RSS."""
+    """One prepare, in the calling process: timings, counts and this process's memory."""
     tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
     sources = [SourceConfig(name=f.stem, path=str(f)) for f in files]
     data = DataConfig(sources=sources, max_seq_len=32768, num_proc=num_proc, cache_dir=str(work / f"cache-{num_proc}"))
-    start = time.perf_counter()
-    check_sources(data, sources, work / f"check-{num_proc}")
-    checked = time.perf_counter() - start
-    cpu, start = cpu_seconds(), time.perf_counter()  # the prepare alone, as seconds_total
-    prepared = prepare(data, tokenizer, log=lambda _: None)
+    check, checked = pipeline.check_sources, []
+
+    def timed_check(*args, **kwargs):  # the prepare's own load + validate, timed from inside it
+        start = time.perf_counter()
+        try:
+            return check(*args, **kwargs)
+        finally:
+            checked.append(time.perf_counter() - start)
+
+    pipeline.check_sources = timed_check
+    sampler = MemorySampler()
+    cpu, start = cpu_seconds(), time.perf_counter()
+    try:
+        with sampler:
+            prepared = prepare(data, tokenizer, log=lambda _: None)
+    finally:
+        pipeline.check_sources = check
     total = time.perf_counter() - start
     manifest = prepared.manifest
     examples, tokens = manifest["num_documents"], manifest["num_tokens"]
@@ -111,16 +130,60 @@ def run_prepare(files: list[Path], tokenizer_dir: Path, num_proc: int, work: Pat
         "tokens": tokens,
         "mean_tokens_per_example": tokens / examples,
         "seconds_total": total,
-        "seconds_load_validate": checked,
-        "seconds_tokenize_pack_write": total - checked,
+        "seconds_load_validate": checked[0],
+        "seconds_tokenize_pack_write": total - checked[0],
         "examples_per_s_per_process": examples / total / num_proc,
         "tokens_per_s_per_process": tokens / total / num_proc,
         "packing_efficiency": manifest["packing_efficiency"],
-        "cpu_seconds": cpu_seconds() - cpu,
-        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # KiB on Linux
-        **memory_now(),
+        "cpu_seconds": cpu_seconds() - cpu,  # this process only: with num_proc > 1 the workers are not in it
+        **sampler.result(),
         "token_arrays_gib": sum((prepared.path / f"{a}.npy").stat().st_size for a in ("tokens", "supervised")) / 2**30,
     }
+
+
+class MemorySampler:
+    """Peaks of this process's anonymous and file-backed resident memory, sampled every `interval` s
+    while the block runs, with the kernel's exact peak of their sum (VmHWM)."""
+
+    def __init__(self, interval: float = 0.02):
+        self.interval, self.peak, self.before = interval, {"RssAnon": 0, "RssFile": 0}, {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            now = memory_kib()
+            for k in self.peak:
+                self.peak[k] = max(self.peak[k], now[k])
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> "MemorySampler":
+        self.before = memory_kib()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def result(self) -> dict:
+        end = memory_kib()
+        gib = 2**20  # KiB per GiB
+        return {
+            "rss_anon_before_gib": self.before["RssAnon"] / gib,
+            "peak_rss_anon_gib": max(self.peak["RssAnon"], end["RssAnon"]) / gib,
+            "peak_rss_file_gib": max(self.peak["RssFile"], end["RssFile"]) / gib,
+            "peak_rss_gib": end["VmHWM"] / gib,  # anonymous + file-backed + shared, the kernel's high-water mark
+            "rss_anon_at_end_gib": end["RssAnon"] / gib,
+            "rss_file_at_end_gib": end["RssFile"] / gib,
+        }
+
+
+def memory_kib() -> dict:
+    """RssAnon, RssFile and VmHWM of this process now, in KiB."""
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return {k: int(fields[k].split()[0]) for k in ("RssAnon", "RssFile", "VmHWM")}
 
 
 def cpu_seconds() -> float:
@@ -129,10 +192,9 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def memory_now() -> dict:
-    """Resident memory now, split into anonymous (heap) and file-backed (memory-mapped Arrow/npy) pages."""
-    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
-    return {f"{k.lower()}_gib_at_end": int(fields[k].split()[0]) / 2**20 for k in ("RssAnon", "RssFile") if k in fields}
+MEMORY_KEYS = ("examples", "tokens", "token_arrays_gib", "rss_anon_before_gib", "peak_rss_anon_gib", "peak_rss_file_gib",
+               "peak_rss_gib", "rss_anon_at_end_gib", "rss_file_at_end_gib", "examples_per_s_per_process",
+               "tokens_per_s_per_process", "cpu_seconds")
 
 
 def in_fresh_process(function, *args):
@@ -174,35 +236,9 @@ def packing_seconds_per_doc(n: int = 1_000_000, seed: int = 0) -> float:
     return (time.perf_counter() - start) / n
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokenizer", type=Path, default=REPO.parent / "shared" / "ouro-1.4b-files")
-    parser.add_argument("--rows", type=int, default=100_000)
-    parser.add_argument("--num-proc", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--rss-rows", type=int, nargs="*", default=[100_000, 400_000], help="corpus sizes for peak RSS")
-    parser.add_argument("--mean-tokens", type=float, default=4000.0, help="assumed tokens per example of the real mix")
-    parser.add_argument("--out", type=Path, default=REPO / "outputs" / "bench" / "prepare_throughput.json")
-    args = parser.parse_args()
-    if not (args.tokenizer / "tokenizer.json").exists():
-        sys.exit(f"no tokenizer at {args.tokenizer} (pass --tokenizer DIR)")
-    load_before = os.getloadavg()[0]  # other work on the machine skews the numbers: recorded with them
-
-    with tempfile.TemporaryDirectory(prefix="ouro-prepare-bench-") as tmp:
-        work = Path(tmp)
-        files = write_rows(work, args.rows)
-        runs = [in_fresh_process(run_prepare, files, args.tokenizer, n, work) for n in args.num_proc]
-        baseline = in_fresh_process(run_baseline, files, args.tokenizer, work)
-    base = next((r for r in runs if r["num_proc"] == 1), runs[0])  # speed-ups and projection relative to it
-    memory = []
-    for rows in args.rss_rows:
-        r = base
-        if (rows, base["num_proc"]) != (args.rows, 1):  # else the one-process run above is that measurement
-            with tempfile.TemporaryDirectory(prefix="ouro-prepare-rss-") as tmp:
-                r = in_fresh_process(run_prepare, write_rows(Path(tmp), rows), args.tokenizer, 1, Path(tmp))
-        memory.append({"rows": rows, **{k: r.get(k) for k in ("examples", "tokens", "peak_rss_gib", "token_arrays_gib",
-                                                              "rssanon_gib_at_end", "rssfile_gib_at_end")}})
+def report_throughput(args, runs: list, baseline: dict, base: dict, result: dict) -> None:
+    """Print the timed runs, the projection and the comparison with the baseline; add them to `result`."""
     pack_s = packing_seconds_per_doc()
-
     ex_s, tok_s = base["examples_per_s_per_process"], base["tokens_per_s_per_process"]
     projection = {
         "examples": MIX_EXAMPLES,
@@ -213,6 +249,68 @@ def main() -> None:
         "hours_at_assumed_length": (MIX_EXAMPLES * args.mean_tokens / (tok_s * NODE_CORES) + pack_s * MIX_EXAMPLES) / 3600,
         "assumes": "linear scaling to 32 processes of load/validate/tokenize; packing in one process; hub download not included",
     }
+    result.update({
+        "rows": args.rows,
+        "runs": runs,
+        "baseline": baseline,
+        "ratio_to_baseline_examples_per_s": ex_s / baseline["examples_per_s"],
+        "ratio_to_baseline_tokens_per_s": tok_s / baseline["tokens_per_s"],
+        "ratio_to_baseline_cpu": baseline["cpu_seconds"] / base["cpu_seconds"],
+        "packing_seconds_per_document": pack_s,
+        "projection_thinking_mix_32_cores": projection,
+    })
+    print(f"{'procs':>5} {'examples':>9} {'tok/ex':>7} {'load+check s':>12} {'tok+pack s':>10} "
+          f"{'ex/s/proc':>10} {'tok/s/proc':>11} {'speed-up':>8}")
+    for r in runs:
+        speedup = base["seconds_total"] / r["seconds_total"]
+        print(f"{r['num_proc']:>5} {r['examples']:>9,} {r['mean_tokens_per_example']:>7,.0f} {r['seconds_load_validate']:>12.1f} "
+              f"{r['seconds_tokenize_pack_write']:>10.1f} {r['examples_per_s_per_process']:>10,.0f} "
+              f"{r['tokens_per_s_per_process']:>11,.0f} {speedup:>8.2f}")
+    print(f"best-fit packing: {pack_s * 1e6:.1f} us per document (one process)")
+    p = projection
+    print(f"projected wall time, {p['examples']:,} examples on {p['processes']} cores: "
+          f"{p['hours_at_bench_row_length']:.2f} h at the bench's row length, "
+          f"{p['hours_at_assumed_length']:.2f} h at {args.mean_tokens:,.0f} tokens/example "
+          f"(packing {p['packing_hours'] * 60:.1f} min of it)")
+    b = baseline
+    print(f"\nbaseline: load_dataset json + map apply_chat_template(tokenize=True), ids only, 1 process, same rows "
+          f"({b['tokens'] / b['examples']:,.0f} tok/ex in its count, {base['mean_tokens_per_example']:,.0f} in ours)")
+    print(f"{'':<10} {'examples/s':>10} {'tokens/s':>10} {'CPU s':>7}")
+    print(f"{'ours':<10} {ex_s:>10,.0f} {tok_s:>10,.0f} {base['cpu_seconds']:>7.1f}")
+    print(f"{'baseline':<10} {b['examples_per_s']:>10,.0f} {b['tokens_per_s']:>10,.0f} {b['cpu_seconds']:>7.1f}")
+    print(f"{'ratio':<10} {ex_s / b['examples_per_s']:>9.2f}x {tok_s / b['tokens_per_s']:>9.2f}x "
+          f"{b['cpu_seconds'] / base['cpu_seconds']:>6.2f}x   (ours / baseline; CPU: baseline s / ours s)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokenizer", type=Path, default=REPO.parent / "shared" / "ouro-1.4b-files")
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--num-proc", type=int, nargs="*", default=[1, 2],
+                        help="process counts to time (none: only the memory measurements)")
+    parser.add_argument("--rss-rows", type=int, nargs="*", default=[100_000, 400_000], help="corpus sizes for peak RSS")
+    parser.add_argument("--mean-tokens", type=float, default=4000.0, help="assumed tokens per example of the real mix")
+    parser.add_argument("--out", type=Path, default=REPO / "outputs" / "bench" / "prepare_throughput.json")
+    args = parser.parse_args()
+    if not (args.tokenizer / "tokenizer.json").exists():
+        sys.exit(f"no tokenizer at {args.tokenizer} (pass --tokenizer DIR)")
+    load_before = os.getloadavg()[0]  # other work on the machine skews the numbers: recorded with them
+
+    runs, baseline, base = [], None, None
+    if args.num_proc:
+        with tempfile.TemporaryDirectory(prefix="ouro-prepare-bench-") as tmp:
+            work = Path(tmp)
+            files = write_rows(work, args.rows)
+            runs = [in_fresh_process(run_prepare, files, args.tokenizer, n, work) for n in args.num_proc]
+            baseline = in_fresh_process(run_baseline, files, args.tokenizer, work)
+        base = next((r for r in runs if r["num_proc"] == 1), runs[0])  # speed-ups and projection relative to it
+    memory = []
+    for rows in args.rss_rows:
+        r = base
+        if base is None or (rows, base["num_proc"]) != (args.rows, 1):  # else the one-process run above is that measurement
+            with tempfile.TemporaryDirectory(prefix="ouro-prepare-rss-") as tmp:
+                r = in_fresh_process(run_prepare, write_rows(Path(tmp), rows), args.tokenizer, 1, Path(tmp))
+        memory.append({"rows": rows, **{k: r[k] for k in MEMORY_KEYS}})
     result = {
         "machine": {
             "cpus": os.cpu_count(),
@@ -221,37 +319,18 @@ def main() -> None:
             "load_average_before_after": [load_before, os.getloadavg()[0]],
         },
         "tokenizer": str(args.tokenizer),
-        "rows": args.rows,
-        "runs": runs,
-        "baseline": baseline,
-        "ratio_to_baseline_examples_per_s": ex_s / baseline["examples_per_s"],
-        "ratio_to_baseline_cpu": baseline["cpu_seconds"] / base["cpu_seconds"],
         "memory": memory,
-        "packing_seconds_per_document": pack_s,
-        "projection_thinking_mix_32_cores": projection,
     }
-    print(f"{'procs':>5} {'examples':>9} {'tok/ex':>7} {'load+check s':>12} {'tok+pack s':>10} "
-          f"{'ex/s/proc':>10} {'tok/s/proc':>11} {'speed-up':>8}")
-    for r in runs:
-        speedup = base["seconds_total"] / r["seconds_total"]
-        print(f"{r['num_proc']:>5} {r['examples']:>9,} {r['mean_tokens_per_example']:>7,.0f} {r['seconds_load_validate']:>12.1f} "
-              f"{r['seconds_tokenize_pack_write']:>10.1f} {r['examples_per_s_per_process']:>10,.0f} "
-              f"{r['tokens_per_s_per_process']:>11,.0f} {speedup:>8.2f}")
-    b = baseline
-    print(f"baseline (load_dataset json + map apply_chat_template, 1 proc): {b['examples_per_s']:,.0f} ex/s, "
-          f"{b['tokens_per_s']:,.0f} tok/s ({b['tokens'] / b['examples']:,.0f} tok/ex); "
-          f"ours / baseline: {ex_s / b['examples_per_s']:.2f}x by wall time, "
-          f"{b['cpu_seconds'] / base['cpu_seconds']:.2f}x by CPU time ({base['cpu_seconds']:.1f} s vs {b['cpu_seconds']:.1f} s)")
-    for m in memory:
-        print(f"peak RSS, one process, {m['rows']:,} rows ({m['tokens']:,} tokens): {m['peak_rss_gib']:.2f} GiB "
-              f"(token arrays written: {m['token_arrays_gib']:.2f} GiB; at the end {m['rssanon_gib_at_end']:.2f} GiB "
-              f"anonymous, {m['rssfile_gib_at_end']:.2f} GiB file-backed)")
-    print(f"best-fit packing: {pack_s * 1e6:.1f} us per document (one process)")
-    p = projection
-    print(f"projected wall time, {p['examples']:,} examples on {p['processes']} cores: "
-          f"{p['hours_at_bench_row_length']:.2f} h at the bench's row length, "
-          f"{p['hours_at_assumed_length']:.2f} h at {args.mean_tokens:,.0f} tokens/example "
-          f"(packing {p['packing_hours'] * 60:.1f} min of it)")
+    if runs:
+        report_throughput(args, runs, baseline, base, result)
+    if memory:
+        print(f"\nmemory of a one-process prepare, each size in a fresh process (GiB; anon = heap, file = mapped pages)")
+        print(f"{'rows':>9} {'tokens':>12} {'token arrays':>12} {'anon before':>11} {'peak anon':>9} "
+              f"{'anon growth':>11} {'peak file':>9} {'peak total':>10} {'ex/s':>6}")
+        for m in memory:
+            print(f"{m['rows']:>9,} {m['tokens']:>12,} {m['token_arrays_gib']:>12.3f} {m['rss_anon_before_gib']:>11.3f} "
+                  f"{m['peak_rss_anon_gib']:>9.3f} {m['peak_rss_anon_gib'] - m['rss_anon_before_gib']:>11.3f} "
+                  f"{m['peak_rss_file_gib']:>9.3f} {m['peak_rss_gib']:>10.3f} {m['examples_per_s_per_process']:>6,.0f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -18,6 +18,7 @@ from typing import Sequence
 
 import datasets
 import numpy as np
+import pyarrow as pa
 
 from ouro_train.data.chat import ChatEncoder
 
@@ -34,26 +35,42 @@ TOKENIZED = datasets.Features(
 )
 
 
-def tokenize_batch(batch: dict, encoder: ChatEncoder, max_seq_len: int, truncate: bool, last_turn_only: bool) -> dict:
-    """datasets `.map(batched=True)` function: messages -> input_ids, supervised, length, drop reason."""
-    out: dict[str, list] = {name: [] for name in TOKENIZED}
-    for ids, sup in encoder.encode_batch(batch["messages"], last_turn_only):
-        if sup[0]:
-            raise AssertionError("the first token of a document must not be supervised")
-        drop, truncated = "", len(ids) > max_seq_len
-        if truncated and not truncate:
-            drop, ids, sup = "overlong", ids[:0], sup[:0]
-        elif truncated:
-            ids, sup = ids[:max_seq_len], sup[:max_seq_len]
-            if not sup.any():
-                drop, ids, sup = "no_supervised_tokens", ids[:0], sup[:0]
-        out["input_ids"].append(ids)
-        out["supervised"].append(sup)
-        out["length"].append(len(ids))
-        out["num_supervised"].append(int(sup.sum()))
-        out["truncated"].append(truncated and not drop)
-        out["drop"].append(drop)
-    return out
+def tokenize_batch(batch: dict, encoder: ChatEncoder, max_seq_len: int, truncate: bool, last_turn_only: bool) -> pa.Table:
+    """datasets `.map(batched=True)` function: messages -> input_ids, supervised, length, drop reason.
+    The batch's tokens stay in flat arrays and become one Arrow table (list columns from offsets):
+    nothing per token or per document goes through Python objects."""
+    ids, sup, lengths = encoder.encode_flat(batch["messages"], last_turn_only)
+    n = len(lengths)
+    starts = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(lengths, out=starts[1:])
+    if n and sup[starts[:-1]].any():
+        raise AssertionError("the first token of a document must not be supervised")
+    sup_before = np.zeros(len(sup) + 1, dtype=np.int64)  # supervised tokens before each position
+    np.cumsum(sup, out=sup_before[1:])
+    overlong = lengths > max_seq_len
+    keep = np.minimum(lengths, max_seq_len) if truncate else np.where(overlong, 0, lengths)
+    num_supervised = sup_before[starts[:-1] + keep] - sup_before[starts[:-1]]
+    drop = np.full(n, "", dtype=object)
+    if truncate:
+        empty = overlong & (num_supervised == 0)  # cut to no supervised token: nothing to learn from
+        drop[empty], keep[empty] = "no_supervised_tokens", 0
+    else:
+        drop[overlong] = "overlong"
+    if (keep != lengths).any():  # keep the first keep[d] tokens of each document d
+        position = np.arange(len(ids)) - np.repeat(starts[:-1], lengths)
+        kept = position < np.repeat(keep, lengths)
+        ids, sup = ids[kept], sup[kept]
+    offsets = np.zeros(n + 1, dtype=np.int32)
+    np.cumsum(keep, out=offsets[1:])
+    columns = {
+        "input_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(ids, pa.int32())),
+        "supervised": pa.ListArray.from_arrays(pa.array(offsets), pa.array(sup, pa.bool_())),
+        "length": pa.array(keep.astype(np.int32)),
+        "num_supervised": pa.array(num_supervised.astype(np.int32)),
+        "truncated": pa.array(overlong & (drop == "") if truncate else np.zeros(n, dtype=bool)),
+        "drop": pa.array(drop.tolist(), pa.string()),
+    }
+    return pa.Table.from_pydict(columns, schema=TOKENIZED.arrow_schema)
 
 
 def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:

@@ -21,7 +21,7 @@ import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import datasets
 import numpy as np
@@ -195,7 +195,8 @@ def prepare(data: DataConfig, tokenizer, split: str = "train", log: Log = print)
 
 
 def _build(data: DataConfig, tokenizer, checked: list[Checked], plans: list[SourcePlan], out: Path) -> dict:
-    """Tokenize the drawn rows, drop what must go, pack, and write the arrays; returns the manifest."""
+    """Tokenize the drawn rows, drop what must go, pack, and write the arrays; returns the manifest.
+    Each source's rows are let go (`rows = None`) once they are tokenized."""
     if data.num_proc > 1:  # each worker encodes on its own core
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
     encoder = ChatEncoder(tokenizer)
@@ -223,6 +224,7 @@ def _build(data: DataConfig, tokenizer, checked: list[Checked], plans: list[Sour
                 cache_file_name=str(out / "work" / f"tokens-{s}.arrow"),
                 desc=f"tokenizing {c.src.name}",
             )
+        c.rows = None  # unmapped once no other source of the same scan still needs it
         cols = tokenized.with_format("numpy", columns=["length", "num_supervised", "truncated"])[:]
         drop = tokenized.data.column("drop").to_numpy(zero_copy_only=False)
         kept = drop == ""
@@ -283,24 +285,58 @@ def _build(data: DataConfig, tokenizer, checked: list[Checked], plans: list[Sour
 
 
 def _write_tokens(out: Path, parts: list, total: int, vocab_size: int) -> None:
-    """Stream every kept document's ids and supervision mask into tokens.npy / supervised.npy."""
-    tokens = new_array(out, "tokens", np.uint16 if vocab_size <= 1 << 16 else np.uint32, total)
-    supervised = new_array(out, "supervised", np.bool_, total)
-    at = 0
-    for tokenized, kept, _ in parts:
-        start = 0
-        for batch in tokenized.with_format("arrow").iter(batch_size=4096):
-            keep = kept[start : start + len(batch)]
-            start += len(batch)
-            batch = batch.filter(keep)
-            ids = pc.list_flatten(batch.column("input_ids")).to_numpy()
-            sup = pc.list_flatten(batch.column("supervised")).to_numpy(zero_copy_only=False)
-            tokens[at : at + len(ids)] = ids
-            supervised[at : at + len(ids)] = sup
-            at += len(ids)
-    assert at == total, (at, total)
-    tokens.flush()
-    supervised.flush()
+    """Stream every kept document's ids and supervision mask into tokens.npy / supervised.npy. The
+    tokenized Arrow files are read batch by batch from the file (not memory-mapped) and the arrays
+    written with plain writes (not through a writable memory map), so neither the inputs nor the
+    outputs stay resident in this process: its memory does not grow with the corpus here."""
+    with ArrayWriter(out, "tokens", np.uint16 if vocab_size <= 1 << 16 else np.uint32, total) as tokens, \
+            ArrayWriter(out, "supervised", np.bool_, total) as supervised:
+        for tokenized, kept, _ in parts:
+            start = 0
+            for batch in _arrow_batches(tokenized):
+                keep = kept[start : start + len(batch)]
+                start += len(batch)
+                batch = batch.filter(keep)
+                tokens.write(pc.list_flatten(batch.column("input_ids")).to_numpy())
+                supervised.write(pc.list_flatten(batch.column("supervised")).to_numpy(zero_copy_only=False))
+            assert start == len(kept), (start, len(kept))
+
+
+def _arrow_batches(ds) -> Iterator[pa.RecordBatch]:
+    """The record batches of a dataset written by `.map` (its cache files, in order), read from disk."""
+    files = [f["filename"] for f in ds.cache_files]
+    if not files or ds._indices is not None:  # in memory (no rows drawn), or a view: read it as datasets does
+        yield from ds.with_format("arrow").iter(batch_size=4096)
+        return
+    for filename in files:
+        with pa.OSFile(filename) as f:
+            yield from pa.ipc.open_stream(f)
+
+
+class ArrayWriter:
+    """A .npy file of `length` elements written front to back with plain writes, in the format (and
+    with the header) `np.lib.format.open_memmap` writes; raises if fewer or more elements came."""
+
+    def __init__(self, directory: Path, name: str, dtype, length: int):
+        header = new_array(directory, name, dtype, length)  # the header, and the file at its full size
+        self.offset, self.dtype, self.length, self.at = header.offset, np.dtype(dtype), length, 0
+        del header
+        self.file = open(directory / f"{name}.npy", "r+b")
+        self.file.seek(self.offset)
+
+    def write(self, values: np.ndarray) -> None:
+        if self.at + len(values) > self.length:
+            raise ValueError(f"{self.file.name}: more than {self.length} elements")
+        self.file.write(np.ascontiguousarray(values, dtype=self.dtype).data)
+        self.at += len(values)
+
+    def __enter__(self) -> "ArrayWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.file.close()
+        if exc[0] is None and self.at != self.length:
+            raise ValueError(f"{self.file.name}: {self.at} elements written, {self.length} expected")
 
 
 def _by_domain(sources: dict) -> dict:

@@ -5,8 +5,9 @@ import pytest
 from data_helpers import chat, data_config, project_tok, source, write_jsonl
 
 from ouro_train.config import Overlong
-from ouro_train.data import prepare
+from ouro_train.data import pipeline, prepare
 from ouro_train.data.pack import best_fit_decreasing
+from ouro_train.data.pipeline import ArrayWriter
 
 
 def test_best_fit_decreasing_places_each_item_once_within_capacity():
@@ -102,3 +103,50 @@ def test_tokenizing_in_worker_processes_gives_the_same_cache(tmp_path):
     for name in ("tokens", "supervised", "doc_offsets", "row_docs", "row_offsets"):
         assert np.array_equal(getattr(one, name), getattr(two, name)), name
     assert int((np.asarray(two.tokens) == 2).sum()) == 3 * 41  # system, user, assistant turn ends only
+
+
+def test_array_writer_writes_the_npy_file_open_memmap_would(tmp_path):
+    values = np.arange(10_000, dtype=np.int32) * 7 % 49152
+    with ArrayWriter(tmp_path, "tokens", np.uint16, len(values)) as out:
+        for chunk in np.array_split(values, 7):
+            out.write(chunk)
+    np.lib.format.open_memmap(tmp_path / "ref.npy", mode="w+", dtype=np.uint16, shape=(len(values),))[:] = values
+    assert (tmp_path / "tokens.npy").read_bytes() == (tmp_path / "ref.npy").read_bytes()
+    with pytest.raises(ValueError, match="3 elements written, 4 expected"):
+        with ArrayWriter(tmp_path, "short", np.bool_, 4) as out:
+            out.write(np.ones(3, dtype=bool))
+    with pytest.raises(ValueError, match="more than 2"):
+        with ArrayWriter(tmp_path, "long", np.bool_, 2) as out:
+            out.write(np.ones(3, dtype=bool))
+
+
+def test_prepare_holds_the_corpus_in_bounded_batches_only(tmp_path, monkeypatch):
+    """Memory must not grow with the corpus: rows are tokenized, read back and written batch by batch
+    (never a whole column), and the arrays are written front to back."""
+    rows = [chat(f"question {i}", f"answer {i}") for i in range(2500)]
+    path = write_jsonl(tmp_path / "c.jsonl", rows)
+    seen = {"tokenized": [], "read": [], "written": []}
+    real_tokenize, real_batches, real_write = pipeline.tokenize_batch, pipeline._arrow_batches, ArrayWriter.write
+
+    def tokenize(batch, **kwargs):
+        seen["tokenized"].append(len(batch["messages"]))
+        return real_tokenize(batch, **kwargs)
+
+    def batches(ds):
+        for batch in real_batches(ds):
+            seen["read"].append(len(batch))
+            yield batch
+
+    def write(self, values):
+        seen["written"].append(len(values))
+        real_write(self, values)
+
+    monkeypatch.setattr(pipeline, "tokenize_batch", tokenize)
+    monkeypatch.setattr(pipeline, "_arrow_batches", batches)
+    monkeypatch.setattr(ArrayWriter, "write", write)
+    prepared = prepare(data_config(tmp_path, [source("c", path)], max_seq_len=256), project_tok())
+    assert sum(seen["tokenized"]) == sum(seen["read"]) == 2500
+    assert max(seen["tokenized"]) <= 1000 and max(seen["read"]) <= 1000
+    total = prepared.manifest["num_tokens"]
+    assert sum(seen["written"]) == 2 * total  # tokens and supervised
+    assert max(seen["written"]) <= total // 2  # in pieces, not the whole array at once
