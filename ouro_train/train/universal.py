@@ -85,14 +85,25 @@ def _loadable_under_every_stage(out: Path) -> None:
             torch.save(step.clone() if torch.is_tensor(step) else step, universal_step_file(out, name))
         optim.pop("fp32_flat_groups", None)  # rank 0's partition, in the per-parameter files already
         optim.setdefault("ds_version", module_states["ds_version"])
-        shutil.copyfile(stage3, stage12)
+        _same_file_under_another_name(stage3, stage12)
     else:  # from ZeRO-1/2: every trained parameter has its step.pt
         steps = (universal_step_file(out, p.name) for p in universal_params_dir(out).iterdir())
         step = torch.load(next(f for f in steps if f.is_file()), weights_only=False)
-        shutil.copyfile(stage12, stage3)
+        _same_file_under_another_name(stage12, stage3)
     optim[_OPTIM_STATE_DICT] = {"state": {0: {"step": step}}, "param_groups": optim["param_groups"]}
     torch.save(optim, universal_optimizer_file(out))
 
 
+def _same_file_under_another_name(src: Path, dst: Path) -> None:
+    """A hard link where the filesystem has them: a ZeRO-1/2 module states file holds the whole model's
+    weights (2.8 GB for Ouro-1.4B in bf16), which a copy would store twice."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
 def disk_size(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    """Bytes on disk under `path`, each hard-linked file once."""
+    files = {(st.st_dev, st.st_ino): st.st_size for st in (f.stat() for f in path.rglob("*") if f.is_file())}
+    return sum(files.values())

@@ -26,7 +26,14 @@ from ouro_train.config import TrainConfig
 from ouro_train.data import project_tokenizer
 from ouro_train.export.export import export_run
 from ouro_train.model import OuroConfig, OuroForCausalLM
-from ouro_train.run_dir import RunDir, is_complete, universal_dir, universal_tmp_dir
+from ouro_train.run_dir import (
+    RunDir,
+    is_complete,
+    module_states_file,
+    universal_dir,
+    universal_tmp_dir,
+    zero3_module_states_file,
+)
 from ouro_train.train import checkpoint, universal
 from ouro_train.train.batch import batch_geometry
 from ouro_train.train.trainer import Trainer
@@ -105,6 +112,8 @@ def test_two_processes_to_one_continues_the_trajectory_on_the_same_rows(referenc
     made = (converted / "COMPLETE").stat().st_mtime_ns
     universal.ensure_universal(step4)  # a second resume reuses the conversion
     assert (converted / "COMPLETE").stat().st_mtime_ns == made
+    # the module states (the whole model's weights under ZeRO-1/2) are stored once under both stages' names
+    assert module_states_file(converted).samefile(zero3_module_states_file(converted))
 
 
 @pytest.fixture(scope="module")
