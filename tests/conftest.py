@@ -75,10 +75,3 @@ INSTANCE_TOLERANCE = dict(rtol=0.0, atol=1e-6)
 def assert_instances_agree(actual: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(actual, expected, **INSTANCE_TOLERANCE)
 
-
-def pytest_collection_modifyitems(config, items):
-    """Files that launch training or export runs first: pytest-xdist hands out whole files in this order,
-    so the long ones start early and the short ones fill in at the end instead of one long file running
-    alone last."""
-    heavy = ("train", "export")
-    items.sort(key=lambda item: Path(str(item.path)).parent.name not in heavy)
