@@ -187,7 +187,7 @@ class Trainer:
                 mcfg.path, dtype=dtype, attn_implementation=mcfg.attn_implementation.value, **overrides
             )
         else:
-            config = OuroConfig.from_pretrained(mcfg.path, **overrides) if mcfg.path else OuroConfig(**overrides)
+            config = self._config_before_build()
             if config.vocab_size < len(self.tokenizer):
                 raise ValueError(f"model vocab_size {config.vocab_size} < tokenizer size {len(self.tokenizer)}")
             config._attn_implementation = mcfg.attn_implementation.value
@@ -431,8 +431,7 @@ class Trainer:
         return (module.get_base_model() if self.cfg.lora.enabled else module).config
 
     def save(self) -> Path:
-        metadata = {"world_size": self.world, "sequence_parallel_size": self.cfg.parallel.sequence_parallel_size,
-                    "total_steps": self.total_steps, "config": to_plain_dict(self.cfg)}
+        metadata = {"world_size": self.world, "total_steps": self.total_steps, "config": to_plain_dict(self.cfg)}
         path = checkpoint.save(self.engine, self.run_dir, self.state, metadata, keep_last=self.cfg.checkpoint.keep_last)
         self._last_save = time.monotonic()
         return path
