@@ -30,7 +30,6 @@ from transformers import AutoTokenizer  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import tiny_model  # noqa: E402
 
-VOCAB = 49152  # Ouro's tokenizer
 # as the trainer builds it: adapters on projections, and a trained copy of the exit gate
 LORA = LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, lora_dropout=0.05,
                   target_modules=["q_proj", "v_proj", "gate_proj"], modules_to_save=["early_exit_gate"])
@@ -38,7 +37,8 @@ LORA = LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, lora_dropout=0.05,
 
 def write_run(root: Path, stage: int, lora: bool, tokenizer) -> None:
     rank = int(os.environ["RANK"])
-    model = tiny_model(seed=5, vocab_size=VOCAB).train()
+    vocab = len(tokenizer)
+    model = tiny_model(seed=5, vocab_size=vocab).train()
     model_dir = root / "model"
     if rank == 0:
         model.config.save_pretrained(model_dir)
@@ -58,10 +58,10 @@ def write_run(root: Path, stage: int, lora: bool, tokenizer) -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=config)
     gen = torch.Generator().manual_seed(rank)
-    probe = torch.randint(3, VOCAB, (2, 11), generator=torch.Generator().manual_seed(99))
+    probe = torch.randint(3, vocab, (2, 11), generator=torch.Generator().manual_seed(99))
     for step in (1, 2):
         engine.train()
-        ids = torch.randint(3, VOCAB, (2, 16), generator=gen)
+        ids = torch.randint(3, vocab, (2, 16), generator=gen)
         engine.backward(engine(ids, labels=ids, use_cache=False).loss)
         engine.step()
         tag = f"step-{step:08d}"

@@ -16,7 +16,8 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import assert_instances_agree, shared_path
+from conftest import assert_instances_agree
+from ouro_train.data import project_tokenizer
 from ouro_train.export import ExportError, export_run
 from ouro_train.export.cli import main as export_cli
 from ouro_train.train.engine import free_port
@@ -34,8 +35,11 @@ def _write_runs(cmd: list, env: dict) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    tokenizer = shared_path("ouro-1.4b-files")
+    # The project tokenizer (1,024 tokens): a 49,152-token vocabulary would make the embedding 98 % of the
+    # model and the checkpoints hundreds of MB, and the export path is the same for either.
     root = tmp_path_factory.mktemp("runs")
+    tokenizer = root / "tokenizer"
+    project_tokenizer(str(root / "cache")).save_pretrained(tokenizer)
     _write_runs([sys.executable, WRITER, root, "--stages", "0", "1", "2", "--tokenizer", tokenizer],
                 {"MASTER_PORT": str(free_port())})
     _write_runs([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
