@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -75,3 +76,17 @@ INSTANCE_TOLERANCE = dict(rtol=0.0, atol=1e-6)
 def assert_instances_agree(actual: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(actual, expected, **INSTANCE_TOLERANCE)
 
+
+
+def run_in_process(monkeypatch, entry_point, *args: str) -> int:
+    """A console script's entry point run in this process with `args` as its command line; its exit status.
+
+    It takes the command's own path (Hydra, the config checks, the one-line error) without the ~10 s of
+    imports every new process pays. Each script keeps one real subprocess test for the process boundary."""
+    hydra_quiet = ("hydra/job_logging=none", "hydra/hydra_logging=none", "hydra.output_subdir=null")
+    monkeypatch.setattr(sys, "argv", [entry_point.__name__, *args, *hydra_quiet])
+    try:
+        entry_point()
+    except SystemExit as e:
+        return 0 if e.code is None else e.code if isinstance(e.code, int) else 1
+    return 0

@@ -11,7 +11,8 @@ from data_helpers import GOOD_ROW, write_jsonl
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
-from ouro_train.cli import recipes_dir, strip_launcher_args
+from conftest import run_in_process
+from ouro_train.cli import prepare, recipes_dir, strip_launcher_args
 from ouro_train.config import Format, ModelInit, OnBadRow, RunConfig, to_object
 from ouro_train.data.tokenizer import PROJECT_VOCAB_SIZE
 
@@ -89,15 +90,15 @@ def run_prepare(*args, cwd):
     return subprocess.run([*PREPARE, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_ouro_prepare_smoke_plan_and_build(tmp_path):
+def test_ouro_prepare_smoke_plan_and_build(tmp_path, monkeypatch, capsys):
     common = ["--config-name", "smoke", f"data.cache_dir={tmp_path / 'cache'}", f"output_dir={tmp_path / 'out'}"]
-    planned = run_prepare(*common, "--plan", "--local_rank=0", cwd=tmp_path)
-    assert planned.returncode == 0, planned.stderr
+    assert run_in_process(monkeypatch, prepare, *common, "--plan", "--local_rank=0") == 0
+    planned = capsys.readouterr().out
     science = [json.loads(line) for line in (REPO / "data" / "samples" / "science.jsonl").read_text().splitlines()]
     thinking = sum(any(t["value"].startswith("<think>") for t in r["conversations"] if t["from"] == "gpt") for r in science)
     assert 0 < thinking < 300
     assert (f"science                      science            300 {thinking:>11} {300 - thinking:>12} epochs=2"
-            "                       600    2.00   44.4%") in planned.stdout
+            "                       600    2.00   44.4%") in planned
     assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").glob("train-*"))
 
     built = run_prepare(*common, cwd=tmp_path)
@@ -108,7 +109,7 @@ def test_ouro_prepare_smoke_plan_and_build(tmp_path):
     assert f"packing efficiency {m['packing_efficiency']:.1%}" in built.stdout
 
 
-def test_ouro_prepare_bad_row_exits_with_one_line(tmp_path):
+def test_ouro_prepare_bad_row_exits_with_one_line(tmp_path, monkeypatch, capsys):
     bad = write_jsonl(tmp_path / "bad.jsonl", [GOOD_ROW, {"messages": [{"role": "robot", "content": "x"}]}])
     args = ["--config-name", "smoke", "data.sources=[]", f"data.train_files=[{bad}]",
             f"data.cache_dir={tmp_path / 'cache'}", f"output_dir={tmp_path / 'out'}"]
@@ -120,17 +121,16 @@ def test_ouro_prepare_bad_row_exits_with_one_line(tmp_path):
     )
     assert "Traceback" not in failed.stderr
 
-    over_budget = run_prepare(*args, "data.on_bad_row=skip", cwd=tmp_path)
-    assert over_budget.returncode == 1
-    assert over_budget.stderr.strip().splitlines()[-1].startswith(
+    # the skip policy through the same command, in this process (the process boundary is checked above)
+    assert run_in_process(monkeypatch, prepare, *args, "data.on_bad_row=skip") == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
         "error: source 'bad': 1 bad rows of 2 (50.00%) exceed data.max_bad_fraction=0.001 (unknown_role 1); first: "
     )
-    skipped = run_prepare(*args, "data.on_bad_row=skip", "data.max_bad_fraction=0.5", cwd=tmp_path)
-    assert skipped.returncode == 0, skipped.stderr
-    assert "bad rows skipped: {'unknown_role': 1}" in skipped.stdout
+    assert run_in_process(monkeypatch, prepare, *args, "data.on_bad_row=skip", "data.max_bad_fraction=0.5") == 0
+    assert "bad rows skipped: {'unknown_role': 1}" in capsys.readouterr().out
 
 
-def test_ouro_prepare_with_another_recipe_folder(tmp_path):
+def test_ouro_prepare_with_another_recipe_folder(tmp_path, monkeypatch, capsys):
     recipes = tmp_path / "my_recipes"
     recipes.mkdir()
     rows = write_jsonl(tmp_path / "mine.jsonl", [GOOD_ROW] * 3)
@@ -138,6 +138,6 @@ def test_ouro_prepare_with_another_recipe_folder(tmp_path):
         f"defaults:\n  - run_schema\n  - _self_\ndata:\n  train_files: [{rows}]\n  max_seq_len: 64\n"
         f"  cache_dir: {tmp_path / 'cache'}\noutput_dir: {tmp_path / 'out'}\n"
     )
-    done = run_prepare("--config-path", str(recipes), "--config-name", "mine", "--plan", cwd=tmp_path)
-    assert done.returncode == 0, done.stderr
-    assert "mine                         general              3           0            3 epochs=1                         3    1.00  100.0%" in done.stdout
+    assert run_in_process(monkeypatch, prepare, "--config-path", str(recipes), "--config-name", "mine", "--plan") == 0
+    done = capsys.readouterr().out
+    assert "mine                         general              3           0            3 epochs=1                         3    1.00  100.0%" in done

@@ -3,8 +3,6 @@ LoRA+): it trains, resumes bit for bit, and its end-of-run export with upstream'
 `ouro-export --remote-code` writes; merged equals base + adapter as peft computes it."""
 
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
@@ -12,8 +10,9 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from conftest import REPO_ROOT
-from train_helpers import ENV, metrics, run_train, tiny_base_model
+from train_helpers import metrics, run_train, tiny_base_model
 from ouro_train.export import export_run
+from ouro_train.export.cli import main as export_cli
 from ouro_train.run_dir import checkpoint_tag
 
 
@@ -52,8 +51,7 @@ def test_dora_run_trains_resumes_and_exports_for_every_loader(tmp_path):
         assert (again[step]["loss"], again[step]["grad_norm"]) == (straight[step]["loss"], straight[step]["grad_norm"])
 
     by_cli = tmp_path / "by_cli"
-    subprocess.run([str(Path(sys.executable).parent / "ouro-export"), "--run", str(run), "--out", str(by_cli),
-                    "--remote-code", str(upstream)], check=True, env=ENV, capture_output=True)
+    export_cli(["--run", str(run), "--out", str(by_cli), "--remote-code", str(upstream)])
     _same_files(run / "export", by_cli)
     card = (run / "export" / "README.md").read_text()
     tokens = sum(record["tokens"] for record in straight.values())

@@ -134,13 +134,21 @@ def test_one_process_zero2_to_two_processes_zero3_continues_the_trajectory_and_s
 
 
 def cpu_adam_built() -> bool:
-    """Whether DeepSpeed's CPU Adam (offload_optimizer) is built: a C++ extension compiled on first use,
-    about 15 minutes on 2 cores, which this file does not pay for."""
+    """Whether DeepSpeed's CPU Adam (offload_optimizer) is built for this environment: a C++ extension
+    compiled on first use, about 15 minutes on 2 cores, which this file does not pay for. A build made from
+    another environment (another virtualenv's paths in its build.ninja) would be rebuilt on first use."""
+    import deepspeed
     from deepspeed.git_version_info import installed_ops
-    from torch.utils.cpp_extension import _get_build_directory
+    from torch.utils.cpp_extension import _get_build_directory, include_paths
 
-    built = Path(_get_build_directory("cpu_adam", False)) / "cpu_adam.so"
-    return installed_ops.get("cpu_adam", False) or built.exists()
+    if installed_ops.get("cpu_adam", False):
+        return True
+    build = Path(_get_build_directory("cpu_adam", False))
+    ninja = build / "build.ninja"
+    if not ((build / "cpu_adam.so").exists() and ninja.exists()):
+        return False
+    flags = ninja.read_text()
+    return include_paths()[0] in flags and str(Path(deepspeed.__file__).parent) in flags
 
 
 @pytest.mark.parametrize("target", [

@@ -10,7 +10,8 @@ import time
 import pytest
 
 from train_helpers import ENV, metrics, run_train, train_command
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, run_in_process
+from ouro_train.cli import train
 from ouro_train.run_dir import COMPLETE, RunDir
 
 
@@ -77,13 +78,14 @@ def test_two_processes_learn(tmp_path, cache, zero, checkpointing, launcher):
     assert all(records[s]["step_applied"] for s in records)
 
 
-def test_print_resolved_config_and_reject_unknown_keys(tmp_path):
+def test_print_resolved_config_and_a_bad_setting_exits_with_one_line(tmp_path):
+    """The process boundary: `--cfg job` prints the resolved recipe; a bad value exits 1 with its field named
+    on stderr, before the data cache is touched."""
     shown = subprocess.run(train_command("--cfg", "job"), env=ENV, cwd=REPO_ROOT, capture_output=True, text=True)
     assert shown.returncode == 0 and "zero_stage: 2" in shown.stdout and "objective:" in shown.stdout
-    bad = subprocess.run(train_command(f"output_dir={tmp_path}", "optim.learning_rate=1e-4"), env=ENV, cwd=REPO_ROOT,
-                         capture_output=True, text=True)
-    assert bad.returncode != 0 and "learning_rate" in bad.stderr
-    assert not (tmp_path / "checkpoints").exists()
+    bad = run_train(f"output_dir={tmp_path}", f"data.cache_dir={tmp_path / 'cache'}", "optim.lr=0", check=False)
+    assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1] == "error: optim.lr: must be > 0, got 0.0"
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "checkpoints").exists()
 
 
 def test_compute_plan_of_the_thinking_recipe(tmp_path):
@@ -102,18 +104,20 @@ def test_compute_plan_of_the_thinking_recipe(tmp_path):
 @pytest.mark.parametrize(
     "override, message",
     [
+        ("optim.learning_rate=1e-4", "Could not override 'optim.learning_rate'"),
         ("model.init=pretrained", "model.path=None is not a checkpoint directory"),
         ("train.global_batch_size=3", "not a multiple of train.micro_batch_size"),
         ("deepspeed.offload_params=true", "deepspeed.offload_params: needs zero_stage 3"),
-        ("optim.lr=0", "optim.lr: must be > 0, got 0.0"),
         ("export.remote_code=/nonexistent", "/nonexistent/configuration_ouro.py not found: export.remote_code needs"),
         ("lora.loraplus_lr_ratio=16", "lora.loraplus_lr_ratio: needs lora.enabled=true"),
     ],
 )
-def test_bad_settings_fail_before_any_work(tmp_path, override, message):
-    proc = run_train(f"output_dir={tmp_path}", f"data.cache_dir={tmp_path / 'cache'}", override, check=False)
-    assert proc.returncode == 1 and message in proc.stderr, proc.stderr[-2000:]
-    assert not (tmp_path / "cache").exists()  # failed before touching the data
+def test_bad_settings_fail_before_any_work(tmp_path, monkeypatch, capsys, override, message):
+    status = run_in_process(monkeypatch, train, "--config-name", "smoke", f"output_dir={tmp_path}",
+                            f"data.cache_dir={tmp_path / 'cache'}", override)
+    stderr = capsys.readouterr().err
+    assert status == 1 and message in stderr, stderr[-2000:]
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "checkpoints").exists()  # before the data
 
 
 def test_the_plan_refuses_a_batch_the_trainer_refuses():

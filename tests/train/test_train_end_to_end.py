@@ -13,6 +13,7 @@ from conftest import REPO_ROOT
 from train_helpers import ENV, compose_run, metrics, run_train, tiny_base_model
 from ouro_train.data import MicroBatchLoader, prepare
 from ouro_train.eval import evaluate_loss_per_step
+from ouro_train.export.cli import main as export_cli
 from ouro_train.model import OuroForCausalLM
 
 
@@ -48,8 +49,9 @@ def test_lora_under_zero3_two_processes_exports_the_trained_model(tmp_path):
     (tmp_path / "eval.jsonl").write_text("\n".join(rows[:24]) + "\n")
     overrides = [f"model.path={base}", f"data.train_files=[{tmp_path / 'train.jsonl'}]",
                  f"data.eval_files=[{tmp_path / 'eval.jsonl'}]", f"data.cache_dir={cache}", "data.max_seq_len=512",
-                 "max_steps=6", "eval.every_n_steps=6", "optim.lr=2e-2", "optim.warmup_ratio=0",
-                 "deepspeed=zero3", "deepspeed.stage3_param_persistence_threshold=0", "wandb.mode=disabled"]
+                 "max_steps=6", "train.global_batch_size=4", "eval.every_n_steps=6", "optim.lr=2e-2",
+                 "optim.warmup_ratio=0", "deepspeed=zero3", "deepspeed.stage3_param_persistence_threshold=0",
+                 "wandb.mode=disabled"]
     run = tmp_path / "run"
     run_train(f"output_dir={run}", *overrides, recipe="lora_domain", nproc=2)
 
@@ -66,7 +68,7 @@ def test_lora_under_zero3_two_processes_exports_the_trained_model(tmp_path):
     assert (run / "export" / "model.safetensors").exists()  # export_at_end (merged, bf16)
 
     adapter = tmp_path / "adapter"
-    subprocess.run([*cli, "--out", str(adapter), "--adapter-only"], check=True, env=ENV)
+    export_cli(["--run", str(run), "--out", str(adapter), "--adapter-only"])  # the console script's code, in-process
     weights = load_file(adapter / "adapter_model.safetensors")
     lora_b = [w for k, w in weights.items() if "lora_B" in k]
     assert lora_b and all(w.numel() > 0 for w in weights.values())

@@ -4,7 +4,9 @@ import json
 
 import pytest
 
-from train_helpers import compose_run, metrics, run_train
+from conftest import run_in_process
+from train_helpers import compose_run, metrics
+from ouro_train.cli import train
 from ouro_train.data.validate import DataError
 from ouro_train.eval.during_training import benchmark_evaluator
 from ouro_train.train.trainer import Trainer
@@ -30,10 +32,11 @@ def test_benchmark_accuracy_is_logged_at_every_evaluation(tmp_path):
     assert trainer.engine.module.training  # back to training mode after generating
 
 
-def test_a_bad_benchmark_fails_before_any_work(tmp_path):
+def test_a_bad_benchmark_fails_before_any_work(tmp_path, monkeypatch, capsys):
     with pytest.raises(DataError, match="unknown benchmark 'mat500'"):
         benchmark_evaluator(compose_run(f"output_dir={tmp_path}", "eval.benchmark=mat500", "wandb.mode=disabled"))
-    proc = run_train(f"output_dir={tmp_path}", f"data.cache_dir={tmp_path / 'cache'}", "eval.benchmark=mat500",
-                     check=False)
-    assert proc.returncode == 1 and "unknown benchmark 'mat500'" in proc.stderr, proc.stderr[-2000:]
+    status = run_in_process(monkeypatch, train, "--config-name", "smoke", f"output_dir={tmp_path}",
+                            f"data.cache_dir={tmp_path / 'cache'}", "eval.benchmark=mat500")
+    stderr = capsys.readouterr().err
+    assert status == 1 and "unknown benchmark 'mat500'" in stderr, stderr[-2000:]
     assert not (tmp_path / "cache").exists()  # failed before touching the data
