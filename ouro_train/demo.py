@@ -13,6 +13,8 @@ from transformers import AutoModelForCausalLM
 
 from ouro_train.model import OuroConfig, OuroForCausalLM
 
+LOGITS_TOLERANCE = 1e-6  # a few float32 ulps of logits of order 1
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -32,18 +34,21 @@ def main(argv: list[str] | None = None) -> None:
     model.save_pretrained(args.out)
     reloaded = AutoModelForCausalLM.from_pretrained(args.out).eval()
 
+    saved, loaded = model.state_dict(), reloaded.state_dict()
+    weights_same = saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)
     prompt = torch.randint(3, config.vocab_size, (1, 8))
     with torch.no_grad():
-        same = torch.equal(model(prompt).logits, reloaded(prompt).logits)
         out = reloaded(prompt)
+        # Not bitwise: two instances' CPU kernels may take different vector paths by allocation alignment.
+        logits_diff = (model(prompt).logits - out.logits).abs().max().item()
         tokens = reloaded.generate(prompt, max_new_tokens=args.max_new_tokens, do_sample=False, eos_token_id=None)
     params = sum(p.numel() for p in reloaded.parameters())
     print(f"saved {type(reloaded).__name__} ({params:,} parameters, T={config.total_ut_steps}) to {args.out}")
-    print(f"reloaded logits identical: {same}")
+    print(f"reloaded weights identical: {weights_same}; logits max |difference|: {logits_diff:.1e}")
     print(f"mean exit step of the prompt tokens: {(out.exit_pdf * torch.arange(1, config.total_ut_steps + 1)).sum(-1).mean():.3f}")
     print(f"prompt:    {prompt[0].tolist()}")
     print(f"generated: {tokens[0, prompt.shape[1]:].tolist()}")
-    if not same:
+    if not weights_same or logits_diff > LOGITS_TOLERANCE:
         raise SystemExit("reloaded model differs from the saved one")
 
 
