@@ -22,6 +22,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = REPO_ROOT.parent / "shared"
 
 
+@pytest.fixture(scope="module")
+def data_cache(tmp_path_factory):
+    """A data cache directory for one test file: its runs build the project tokenizer and data once."""
+    return tmp_path_factory.mktemp("data-cache")
+
+
 def shared_path(*parts: str) -> Path:
     """A file under ../shared, or skip the test: a user's clone has no ../shared (CI always has it)."""
     path = SHARED.joinpath(*parts)

@@ -43,8 +43,8 @@ RUN = ("max_steps=8", "checkpoint.every_n_steps=4", "checkpoint.keep_last=0", "d
        "wandb.mode=disabled", "export_at_end=false")
 
 
-def overrides(output_dir, cache, *extra):
-    return (f"output_dir={output_dir}", f"data.cache_dir={cache}", *RUN, *extra)
+def overrides(output_dir, data_cache, *extra):
+    return (f"output_dir={output_dir}", f"data.cache_dir={data_cache}", *RUN, *extra)
 
 
 class RowRecorder(Trainer):
@@ -72,23 +72,18 @@ def assert_same_trajectory(run_dir, reference_dir, steps=range(5, 9)):
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("data-cache")
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, cache):
+def reference(tmp_path_factory, data_cache):
     """The uninterrupted 2-process ZeRO-2 run."""
     out = tmp_path_factory.mktemp("two-processes")
-    run_train(*overrides(out, cache, "deepspeed=zero2"), nproc=2, timeout=TIMEOUT)
+    run_train(*overrides(out, data_cache, "deepspeed=zero2"), nproc=2, timeout=TIMEOUT)
     return out
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory, cache):
+def single(tmp_path_factory, data_cache):
     """The same run on one process, recording its rows: (output_dir, rows by step)."""
     out = tmp_path_factory.mktemp("one-process")
-    trainer = RowRecorder(compose_run(*overrides(out, cache, "deepspeed=zero2")))
+    trainer = RowRecorder(compose_run(*overrides(out, data_cache, "deepspeed=zero2")))
     trainer.train()
     return out, trainer.rows
 
@@ -97,9 +92,10 @@ def test_one_process_is_the_same_trajectory(reference, single):
     assert_same_trajectory(single[0], reference, steps=range(1, 9))
 
 
-def test_two_processes_to_one_continues_the_trajectory_on_the_same_rows(reference, single, cache, tmp_path, capsys):
+def test_two_processes_to_one_continues_the_trajectory_on_the_same_rows(reference, single, data_cache, tmp_path,
+                                                                        capsys):
     step4 = RunDir(reference).checkpoint(4)
-    trainer = RowRecorder(compose_run(*overrides(tmp_path, cache, "deepspeed=zero2", f"resume={step4}")))
+    trainer = RowRecorder(compose_run(*overrides(tmp_path, data_cache, "deepspeed=zero2", f"resume={step4}")))
     assert trainer.state.step == 4
     trainer.train()
     assert_same_trajectory(tmp_path, reference)
@@ -117,12 +113,12 @@ def test_two_processes_to_one_continues_the_trajectory_on_the_same_rows(referenc
 
 
 @pytest.fixture(scope="module")
-def zero3(tmp_path_factory, single, cache):
+def zero3(tmp_path_factory, single, data_cache):
     """The one-process ZeRO-2 run's step 4 continued on two processes under ZeRO-3, saving every step
     (`checkpoint.every_n_minutes`: a tiny interval is due after every step, on both ranks together)."""
     out = tmp_path_factory.mktemp("zero3-two-processes")
     step4 = RunDir(single[0]).checkpoint(4)
-    run_train(*overrides(out, cache, "deepspeed=zero3", f"resume={step4}", "checkpoint.every_n_minutes=1e-9"),
+    run_train(*overrides(out, data_cache, "deepspeed=zero3", f"resume={step4}", "checkpoint.every_n_minutes=1e-9"),
               nproc=2, timeout=TIMEOUT)
     return out
 
@@ -157,33 +153,34 @@ def cpu_adam_built() -> bool:
     pytest.param(("deepspeed=zero2", "deepspeed.offload_optimizer=true"), id="zero2-offload_optimizer",
                  marks=pytest.mark.skipif(not cpu_adam_built(), reason="DeepSpeed's CPU Adam is not built")),
 ])
-def test_zero3_two_processes_to_one_continues_the_trajectory(reference, zero3, cache, tmp_path, target):
+def test_zero3_two_processes_to_one_continues_the_trajectory(reference, zero3, data_cache, tmp_path, target):
     """ZeRO-3 -> ZeRO-3 on another number of processes, ZeRO-3 -> ZeRO-2 (with its optimizer states offloaded
     to the CPU, DeepSpeed's CPU Adam), from one conversion."""
     step5 = RunDir(zero3).checkpoint(5)
-    Trainer(compose_run(*overrides(tmp_path, cache, *target, f"resume={step5}"))).train()
+    Trainer(compose_run(*overrides(tmp_path, data_cache, *target, f"resume={step5}"))).train()
     assert_same_trajectory(tmp_path, reference, steps=range(6, 9))
 
 
-def test_zero2_to_zero1_continues_the_trajectory_on_the_same_rows(single, cache, tmp_path):
+def test_zero2_to_zero1_continues_the_trajectory_on_the_same_rows(single, data_cache, tmp_path):
     step4 = RunDir(single[0]).checkpoint(4)
-    trainer = RowRecorder(compose_run(*overrides(tmp_path, cache, "deepspeed=zero1", f"resume={step4}")))
+    trainer = RowRecorder(compose_run(*overrides(tmp_path, data_cache, "deepspeed=zero1", f"resume={step4}")))
     trainer.train()
     assert_same_trajectory(tmp_path, single[0])
     assert rows_of(trainer.rows, range(5, 9)) == rows_of(single[1], range(5, 9))
 
 
-def test_lora_resumes_from_zero2_under_zero3(cache, tmp_path):
+def test_lora_resumes_from_zero2_under_zero3(data_cache, tmp_path):
     """Adapters and their optimizer states through the universal format; the frozen base is the recipe's
     pretrained one (a random base would not do: ZeRO-3 builds a model partitioned, from other random draws)."""
     base = tmp_path / "base"
     torch.manual_seed(0)
     OuroForCausalLM(OuroConfig(**dict(compose_run().model.config_overrides))).save_pretrained(base)
-    project_tokenizer(str(cache)).save_pretrained(base)
+    project_tokenizer(str(data_cache)).save_pretrained(base)
     lora = ("model.init=pretrained", f"model.path={base}", "lora.enabled=true", "lora.modules_to_save=[early_exit_gate]")
-    Trainer(compose_run(*overrides(tmp_path / "straight", cache, "deepspeed=zero2", *lora))).train()
+    Trainer(compose_run(*overrides(tmp_path / "straight", data_cache, "deepspeed=zero2", *lora))).train()
     step4 = RunDir(tmp_path / "straight").checkpoint(4)
-    Trainer(compose_run(*overrides(tmp_path / "resumed", cache, "deepspeed=zero3", f"resume={step4}", *lora))).train()
+    resumed = overrides(tmp_path / "resumed", data_cache, "deepspeed=zero3", f"resume={step4}", *lora)
+    Trainer(compose_run(*resumed)).train()
     assert_same_trajectory(tmp_path / "resumed", tmp_path / "straight")
     assert is_complete(universal_dir(step4))
 
@@ -205,11 +202,11 @@ def kill_at_save(directory: Path, count: int, *args: str) -> subprocess.Complete
     return subprocess.run(command, env=ENV, cwd=REPO_ROOT, capture_output=True, text=True, timeout=TIMEOUT)
 
 
-def test_a_kill_inside_the_conversion_leaves_nothing_and_the_same_command_resumes(reference, cache, tmp_path):
+def test_a_kill_inside_the_conversion_leaves_nothing_and_the_same_command_resumes(reference, data_cache, tmp_path):
     source = tmp_path / "source"
     shutil.copytree(RunDir(reference).checkpoint(4), source / "step-00000004", ignore=shutil.ignore_patterns("universal*"))
     step4 = source / "step-00000004"
-    command = overrides(tmp_path / "run", cache, "deepspeed=zero2", f"resume={step4}")
+    command = overrides(tmp_path / "run", data_cache, "deepspeed=zero2", f"resume={step4}")
     killed = kill_at_save(universal_tmp_dir(step4), 5, *command)
     assert killed.returncode == -9, killed.stderr[-3000:]
     assert universal_tmp_dir(step4).exists() and not universal_dir(step4).exists()
@@ -219,8 +216,8 @@ def test_a_kill_inside_the_conversion_leaves_nothing_and_the_same_command_resume
     assert_same_trajectory(tmp_path / "run", reference)
 
 
-def test_a_kill_inside_a_save_leaves_nothing_and_the_same_command_resumes(single, cache, tmp_path):
-    command = overrides(tmp_path, cache, "deepspeed=zero2", "checkpoint.every_n_steps=2")
+def test_a_kill_inside_a_save_leaves_nothing_and_the_same_command_resumes(single, data_cache, tmp_path):
+    command = overrides(tmp_path, data_cache, "deepspeed=zero2", "checkpoint.every_n_steps=2")
     step4 = RunDir(tmp_path).checkpoint(4)
     killed = kill_at_save(step4, 2, *command)  # after DeepSpeed's first file of the step-4 save
     assert killed.returncode == -9, killed.stderr[-3000:]
@@ -245,7 +242,7 @@ def test_export_reads_the_universal_checkpoint_like_the_original(reference, tmp_
         torch.testing.assert_close(converted[key], original[key], rtol=0, atol=0, msg=key)
 
 
-def test_a_batch_the_new_world_cannot_form_fails_before_anything_is_loaded(reference, cache, tmp_path):
+def test_a_batch_the_new_world_cannot_form_fails_before_anything_is_loaded(reference, data_cache, tmp_path):
     step8 = RunDir(reference).checkpoint(8)
     with pytest.raises(ValueError, match="nearest valid settings: train.global_batch_size=2 or train.global_batch_size=4"):
         Trainer(compose_run(*overrides(tmp_path, tmp_path / "cache", f"resume={step8}", "train.global_batch_size=3")))

@@ -34,15 +34,16 @@ RUN = ("max_steps=3", f"data.max_seq_len={SEQ}", "model.checkpointing=step+layer
        f"data.eval_files=[{REPO_ROOT / 'data' / 'eval' / 'math_eval.jsonl'}]")
 
 
-def overrides(output_dir, cache, *extra):
-    return (f"output_dir={output_dir}", f"data.cache_dir={cache}", *RUN, *extra)
+def overrides(output_dir, data_cache, *extra):
+    return (f"output_dir={output_dir}", f"data.cache_dir={data_cache}", *RUN, *extra)
 
 
-def run_recorded(output_dir: Path, cache: Path, nproc: int, *extra: str) -> dict:
+def run_recorded(output_dir: Path, data_cache: Path, nproc: int, *extra: str) -> dict:
     record = output_dir / "record.pt"
     bin_dir = Path(sys.executable).parent
     command = [str(bin_dir / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
-               str(Path(__file__).with_name("grad_recorder.py")), str(record), *overrides(output_dir, cache, *extra)]
+               str(Path(__file__).with_name("grad_recorder.py")), str(record),
+               *overrides(output_dir, data_cache, *extra)]
     proc = subprocess.run(command, env={**ENV, "PYTHONPATH": f"{REPO_ROOT}:{REPO_ROOT / 'tests'}:{REPO_ROOT / 'tests' / 'train'}"},
                           capture_output=True, text=True, timeout=TIMEOUT, cwd=REPO_ROOT)
     if proc.returncode != 0:
@@ -51,15 +52,10 @@ def run_recorded(output_dir: Path, cache: Path, nproc: int, *extra: str) -> dict
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("data-cache")
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, cache):
+def reference(tmp_path_factory, data_cache):
     """One process, no SP: (output_dir, record)."""
     out = tmp_path_factory.mktemp("one-process")
-    trainer = GradRecorder(compose_run(*overrides(out, cache)))
+    trainer = GradRecorder(compose_run(*overrides(out, data_cache)))
     trainer.train()
     return out, trainer.record()
 
@@ -90,17 +86,17 @@ def test_the_rows_have_documents_across_the_shard_boundary(reference):
 
 
 @pytest.fixture(scope="module")
-def sp2(tmp_path_factory, cache):
+def sp2(tmp_path_factory, data_cache):
     out = tmp_path_factory.mktemp("sp2")
-    return out, run_recorded(out, cache, 2, "parallel.sequence_parallel_size=2")
+    return out, run_recorded(out, data_cache, 2, "parallel.sequence_parallel_size=2")
 
 
 @pytest.mark.parametrize("nproc", [2, 4], ids=["sp2", "sp2xdp2"])
-def test_sequence_parallel_takes_the_same_steps(request, tmp_path, cache, reference, nproc):
+def test_sequence_parallel_takes_the_same_steps(request, tmp_path, data_cache, reference, nproc):
     if nproc == 2:
         out, got = request.getfixturevalue("sp2")
     else:
-        out, got = tmp_path, run_recorded(tmp_path, cache, nproc, "parallel.sequence_parallel_size=2")
+        out, got = tmp_path, run_recorded(tmp_path, data_cache, nproc, "parallel.sequence_parallel_size=2")
     loss, grad = max_relative_differences(out, got, *reference)
     print(f"SP=2 on {nproc} processes vs 1 process: max rel diff loss {loss:.2e}, gradients {grad:.2e}")
     assert loss <= 1e-5 and grad <= 1e-5, (loss, grad)
@@ -114,9 +110,9 @@ def test_evaluation_during_sp_training_runs_without_sp(sp2, reference):
     assert math.isclose(got["eval_loss"], ref["eval_loss"], rel_tol=0.02)
 
 
-def test_an_sp_checkpoint_resumes_on_one_process_without_sp(sp2, reference, cache, tmp_path):
+def test_an_sp_checkpoint_resumes_on_one_process_without_sp(sp2, reference, data_cache, tmp_path):
     step2 = RunDir(sp2[0]).checkpoint(2)
-    trainer = Trainer(compose_run(*overrides(tmp_path, cache, f"resume={step2}")))
+    trainer = Trainer(compose_run(*overrides(tmp_path, data_cache, f"resume={step2}")))
     assert trainer.state.step == 2
     trainer.train()
     got, ref = metrics(tmp_path)[3], metrics(reference[0])[3]
@@ -171,7 +167,6 @@ def test_sharded_labels_give_every_target_of_the_row_once():
 
 
 def test_plan_and_memory_estimate_account_for_sp(tmp_path):
-    from ouro_train.train import memory
     from ouro_train.train.plan import compute_plan
 
     common = (f"output_dir={tmp_path}", "plan.gpus=4", "plan.tok_per_s_per_gpu=1000", "train.global_batch_size=4",

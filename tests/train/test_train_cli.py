@@ -15,22 +15,18 @@ from ouro_train.cli import train
 from ouro_train.run_dir import COMPLETE, RunDir
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("data-cache")
+def base(tmp_path, data_cache, *extra):
+    return (f"output_dir={tmp_path}", f"data.cache_dir={data_cache}", "wandb.mode=disabled", "export_at_end=false",
+            *extra)
 
 
-def base(tmp_path, cache, *extra):
-    return (f"output_dir={tmp_path}", f"data.cache_dir={cache}", "wandb.mode=disabled", "export_at_end=false", *extra)
-
-
-def test_resume_after_kill_reproduces_the_trajectory_bit_for_bit(tmp_path, cache):
+def test_resume_after_kill_reproduces_the_trajectory_bit_for_bit(tmp_path, data_cache):
     args = ("max_steps=8", "checkpoint.every_n_steps=4", "checkpoint.keep_last=0", "deepspeed=zero2")
-    run_train(*base(tmp_path / "straight", cache, *args))
+    run_train(*base(tmp_path / "straight", data_cache, *args))
     reference = metrics(tmp_path / "straight")
 
     run_dir = tmp_path / "killed"
-    proc = subprocess.Popen(train_command(*base(run_dir, cache, *args)), env=ENV, cwd=REPO_ROOT,
+    proc = subprocess.Popen(train_command(*base(run_dir, data_cache, *args)), env=ENV, cwd=REPO_ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     marker = RunDir(run_dir).checkpoint(4) / COMPLETE
     deadline = time.time() + 240
@@ -41,16 +37,17 @@ def test_resume_after_kill_reproduces_the_trajectory_bit_for_bit(tmp_path, cache
     assert marker.exists(), "the run never completed its step-4 checkpoint"
     assert not (RunDir(run_dir).checkpoint(8) / COMPLETE).exists()
 
-    run_train(*base(run_dir, cache, *args))  # the same command resumes from step 4
+    run_train(*base(run_dir, data_cache, *args))  # the same command resumes from step 4
     resumed = metrics(run_dir)
     for step in range(5, 9):
         for key in ("loss", "grad_norm", "lr", "loss_step1", "loss_step3", "exit_entropy", "supervised_tokens"):
             assert resumed[step][key] == reference[step][key], f"step {step} {key}"
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, cache):
-    proc = subprocess.Popen(train_command(*base(tmp_path, cache, "max_steps=100000", "checkpoint.every_n_steps=100000")),
-                            env=ENV, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, data_cache):
+    endless = base(tmp_path, data_cache, "max_steps=100000", "checkpoint.every_n_steps=100000")
+    proc = subprocess.Popen(train_command(*endless), env=ENV, cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
     log = tmp_path / "metrics.jsonl"
     deadline = time.time() + 240
     while (not log.exists() or len(log.read_text().splitlines()) < 2) and time.time() < deadline:
@@ -64,12 +61,13 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, cache):
     assert "checkpoint saved" in output
 
 
-def test_two_processes_learn_under_zero3_and_the_deepspeed_launcher(tmp_path, cache):
+def test_two_processes_learn_under_zero3_and_the_deepspeed_launcher(tmp_path, data_cache):
     """ZeRO-3 with parameters really partitioned, under the deepspeed launcher, with activation
     checkpointing of the recurrent steps and of the layers inside them. (Two processes under torchrun and
     ZeRO-2 take the one-process trajectory exactly: test_resume_topology, test_sequence_parallel.)"""
-    run_train(*base(tmp_path, cache, "max_steps=12", "deepspeed=zero3", "deepspeed.stage3_param_persistence_threshold=0",
-                    "model.checkpointing=step+layer", "train.global_batch_size=4"), nproc=2, launcher="deepspeed")
+    run_train(*base(tmp_path, data_cache, "max_steps=12", "deepspeed=zero3",
+                    "deepspeed.stage3_param_persistence_threshold=0", "model.checkpointing=step+layer",
+                    "train.global_batch_size=4"), nproc=2, launcher="deepspeed")
     records = metrics(tmp_path)
     first, last = sum(records[s]["loss"] for s in (1, 2, 3)), sum(records[s]["loss"] for s in (10, 11, 12))
     assert last < first - 0.3, (first, last)
@@ -77,7 +75,7 @@ def test_two_processes_learn_under_zero3_and_the_deepspeed_launcher(tmp_path, ca
 
 
 def test_a_bad_setting_exits_with_one_line_before_any_work(tmp_path):
-    """The process boundary: exit status 1 and the field named on stderr, before the data cache is touched."""
+    """The process boundary: exit status 1 and the field named on stderr, before the data data_cache is touched."""
     bad = run_train(f"output_dir={tmp_path}", f"data.cache_dir={tmp_path / 'cache'}", "optim.lr=0", check=False)
     assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1] == "error: optim.lr: must be > 0, got 0.0"
     assert not (tmp_path / "cache").exists() and not (tmp_path / "checkpoints").exists()
