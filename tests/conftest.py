@@ -83,7 +83,6 @@ def assert_instances_agree(actual: torch.Tensor, expected: torch.Tensor) -> None
     torch.testing.assert_close(actual, expected, **INSTANCE_TOLERANCE)
 
 
-
 def run_in_process(monkeypatch, entry_point, *args: str) -> int:
     """A console script's entry point run in this process with `args` as its command line; its exit status.
 

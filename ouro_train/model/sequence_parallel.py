@@ -130,14 +130,14 @@ class _AllToAll(torch.autograd.Function):
 def _exchange(x: torch.Tensor, group, timer: AllToAllTimer | None) -> torch.Tensor:
     x = x.contiguous()
     out = torch.empty_like(x)
-    if timer is None:
-        dist.all_to_all_single(out, x, group=group)
-        return out
-    if x.is_cuda:
+    timed_on_cuda = timer is not None and x.is_cuda
+    if timed_on_cuda:
         torch.cuda.synchronize(x.device)
     start = time.perf_counter()
     dist.all_to_all_single(out, x, group=group)
-    if x.is_cuda:
+    if timer is None:
+        return out
+    if timed_on_cuda:
         torch.cuda.synchronize(x.device)
     timer.seconds += time.perf_counter() - start
     timer.calls += 1
