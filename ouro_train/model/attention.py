@@ -25,12 +25,12 @@ import torch
 import torch.nn.functional as F
 
 try:  # FlexAttention ships with torch >= 2.5
-    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
 except ImportError:  # pragma: no cover - old torch
-    BlockMask = None
-    create_block_mask = flex_attention = None
+    BlockMask = flex_attention = None
 
 IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention")
+BLOCK_SIZE = 128  # FlexAttention's default tile: the document mask is kept per BLOCK_SIZE² tile
 
 
 @dataclass
@@ -99,7 +99,7 @@ def plan_attention(
         and (implementation == "flex_attention" or (implementation == "sdpa" and device.type == "cuda"))
     )
     if use_flex:
-        return AttentionPlan("flex", block_mask=_document_block_mask(doc_ids))
+        return AttentionPlan("flex", block_mask=document_block_mask(doc_ids))
 
     kernel = "eager" if implementation == "eager" else "sdpa"
     needs_mask = attention_mask is not None or doc_ids is not None or sliding_window is not None
@@ -129,12 +129,51 @@ def _causal_mask(q_len: int, past_len: int, device: torch.device) -> torch.Tenso
     return torch.arange(past_len + q_len, device=device)[None, :] <= q_pos
 
 
-def _document_block_mask(doc_ids: torch.Tensor) -> "BlockMask":
-    def doc_causal(b, h, q_idx, kv_idx):
-        return (q_idx >= kv_idx) & (doc_ids[b, q_idx] == doc_ids[b, kv_idx])
+def document_block_mask(doc_ids: torch.Tensor, block_size: int = BLOCK_SIZE) -> "BlockMask":
+    """FlexAttention's causal document mask for packed rows `doc_ids` [B, S], built at block granularity
+    on doc_ids' device: nothing S × S exists, only per-block tables ((S / block_size)² entries).
 
+    Documents are contiguous runs of ids, so the keys the queries of block i may see are one range:
+    from the first token of the document holding the block's first query up to the block's last query.
+    Of those kv blocks, the ones strictly below the diagonal that lie inside that document are full
+    (no mask evaluated) when all of block i is that document too; the others are partial, and the
+    mask_mod decides per element. A last block shorter than block_size is partial (its missing tail is
+    masked), as in `create_block_mask`. Block sizes must be > 1 (the diagonal block is partial)."""
     batch, seq = doc_ids.shape
-    return create_block_mask(doc_causal, batch, None, seq, seq, device=doc_ids.device)
+    device = doc_ids.device
+    blocks = -(-seq // block_size)
+    token = torch.arange(seq, device=device)
+    starts_doc = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts_doc[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    doc_start = torch.where(starts_doc, token, 0).cummax(dim=1).values  # first token of each token's document
+
+    block = torch.arange(blocks, device=device)
+    first_q = block * block_size
+    last_q = (first_q + block_size).clamp(max=seq) - 1
+    start = doc_start[:, first_q]  # [B, blocks]: the earliest key any query of the block sees
+    lowest = start // block_size  # first kv block that is not empty
+    one_doc = (doc_ids[:, first_q] == doc_ids[:, last_q]) & (first_q + block_size <= seq)
+    full_lo = torch.where(one_doc, -(-start // block_size), block)  # full blocks: [full_lo, i)
+    entry = torch.arange(blocks, device=device)[:, None]  # [blocks (entry), 1] against [B, 1, blocks (row)]
+
+    def table(x: torch.Tensor) -> torch.Tensor:
+        return x.to(torch.int32)[:, None]  # [B, 1, ...]: one mask for every head
+
+    # Partial blocks: [lowest, full_lo) (the whole range when the block spans documents, else at most
+    # the block holding the document's unaligned start), then the diagonal block.
+    kv_indices = torch.where(entry < (full_lo - lowest)[:, None, :], lowest[:, None, :] + entry, block)
+    full_indices = (full_lo[:, None, :] + entry).clamp(max=blocks - 1)
+    # The mask_mod indexes padded ids: the kernel may ask about positions up to blocks · block_size.
+    padded = torch.cat([doc_ids, (doc_ids[:, -1:] + 1).expand(batch, blocks * block_size - seq)], dim=1)
+
+    def doc_causal(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (padded[b, q_idx] == padded[b, kv_idx])
+
+    return BlockMask.from_kv_blocks(
+        table(full_lo - lowest + 1), table(kv_indices.transpose(1, 2)),
+        table(block - full_lo), table(full_indices.transpose(1, 2)),
+        BLOCK_SIZE=block_size, mask_mod=doc_causal, seq_lengths=(seq, seq),
+    )
 
 
 @lru_cache(maxsize=None)
