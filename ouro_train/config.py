@@ -25,7 +25,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
@@ -105,8 +105,14 @@ class ModelConfig:
     # Activation checkpointing: none | layer | step | step+layer (step+layer for long sequences) | auto.
     checkpointing: Checkpointing = Checkpointing["none"]
     attn_implementation: AttnImplementation = AttnImplementation.sdpa
-    # torch.compile the decoder layer (one compiled region, run T × L times per forward).
-    compile: bool = False
+    # torch.compile the decoder layer (one compiled region, run T × L times per forward): true | false |
+    # auto (on for CUDA, where fusing the elementwise work pays; off on CPU, where compiling costs more
+    # than it saves). Not under ZeRO-3 (RunConfig.compiles says why).
+    compile: Union[bool, str] = "auto"
+
+    def check(self, at: str) -> None:
+        _require(self.compile in (True, False, "auto"), f"{at}.compile",
+                 f"must be true, false or auto, got {self.compile!r}")
 
 
 @dataclass
@@ -431,10 +437,22 @@ class RunConfig:
         _require(sp < 1 or self.data.max_seq_len % sp == 0, "parallel.sequence_parallel_size",
                  f"data.max_seq_len={self.data.max_seq_len} does not split into {sp} equal shards "
                  f"(choose a max_seq_len that is a multiple of {sp})")
+        _require(not (self.model.compile is True and self.deepspeed.zero_stage == 3), "model.compile",
+                 f"true does not work with deepspeed.zero_stage=3: {ZERO3_COMPILE}; use zero_stage 2 or model.compile=false")
         tokens = self.train.global_batch_tokens
         _require(tokens is None or tokens % self.data.max_seq_len == 0, "train.global_batch_tokens",
                  f"{tokens} is not a multiple of data.max_seq_len={self.data.max_seq_len} (the length of a packed row)")
 
+    def compiles(self, device_type: str) -> bool:
+        """`model.compile` resolved for the device the run trains on (`auto`: CUDA without ZeRO-3)."""
+        if self.model.compile == "auto":
+            return device_type == "cuda" and self.deepspeed.zero_stage != 3
+        return self.model.compile
+
+
+# Why model.compile and ZeRO-3 are not combined (refused when asked for, `auto` leaves compile off).
+ZERO3_COMPILE = ("ZeRO-3 gathers and releases each projection's weights in module hooks inside the compiled "
+                 "layer, which break its graph at every projection")
 
 if not OmegaConf.has_resolver("repo_root"):
     OmegaConf.register_new_resolver("repo_root", lambda: str(REPO_ROOT))

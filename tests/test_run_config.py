@@ -52,6 +52,8 @@ def test_a_mistyped_choice_fails_when_the_config_is_composed(override, full_key,
         ("plan.gpus=0", "plan.gpus: must be >= 1, got 0"),
         ("plan.mfu=1.5", "plan.mfu: must be in (0, 1], got 1.5"),
         ("plan.gpu_memory_gib=0", "plan.gpu_memory_gib: must be > 0, got 0"),
+        ("model.compile=yes", "model.compile: must be true, false or auto, got 'yes'"),
+        ("model.compile=true deepspeed.zero_stage=3", "model.compile: true does not work with deepspeed.zero_stage=3"),
     ],
 )
 def test_a_bad_value_fails_at_parse_time_naming_its_field(override, message):
@@ -72,3 +74,14 @@ def test_config_choices_are_what_the_model_accepts():
     # `auto` is resolved to one of the model's granularities before the model is built.
     assert [c.value for c in Checkpointing] == [*CHECKPOINT_GRANULARITIES, "auto"]
     assert [a.value for a in AttnImplementation] == list(IMPLEMENTATIONS)
+
+
+def test_compile_is_auto_in_every_recipe_and_on_only_for_cuda():
+    for recipe in ("smoke", "thinking_sft", "lora_domain"):
+        run = load(name=recipe)
+        assert run.model.compile == "auto", recipe
+        assert run.compiles("cuda") and not run.compiles("cpu"), recipe
+    # ZeRO-3 is not compiled by `auto` (an explicit true is refused above); true/false are taken as given.
+    assert not load(["deepspeed.zero_stage=3"]).compiles("cuda")
+    assert load(["model.compile=true"]).compiles("cpu")
+    assert not load(["model.compile=false"]).compiles("cuda")

@@ -55,7 +55,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 import torch.distributed as dist
 
-from ouro_train.config import ModelInit, Objective, RunConfig, to_plain_dict
+from ouro_train.config import ZERO3_COMPILE, ModelInit, Objective, RunConfig, to_plain_dict
 from ouro_train.data import MicroBatchLoader, load_tokenizer, prepare, split_sources
 from ouro_train.model import OuroConfig, OuroForCausalLM
 from ouro_train.model.flops import model_flops_utilization, peak_bf16_flops
@@ -197,8 +197,10 @@ class Trainer:
             raise ValueError(f"model.path={mcfg.path} is not an Ouro checkpoint (got {type(model).__name__})")
         model.config.use_cache = False
         model.set_activation_checkpointing(self._checkpointing(model.config))
-        if mcfg.compile:
+        if self.cfg.compiles(self.device.type):
             model.compile_layers()
+        elif mcfg.compile == "auto" and self.device.type == "cuda":
+            self._log(f"model.compile=auto: off under deepspeed.zero_stage=3 ({ZERO3_COMPILE})")
         if self.cfg.lora.enabled:
             model = apply_lora(model, self.cfg.lora)
         if self.cfg.objective.name == Objective.gate:
