@@ -176,6 +176,13 @@ def document_block_mask(doc_ids: torch.Tensor, block_size: int = BLOCK_SIZE) -> 
     )
 
 
+def document_block_mask_bytes(batch: int, seq: int, block_size: int = BLOCK_SIZE) -> int:
+    """Bytes `document_block_mask` keeps for B rows of S tokens: int32 tile tables by query row and by
+    key column, partial and full ((S / block_size)² entries each), and the padded document ids."""
+    blocks = -(-seq // block_size)
+    return batch * (4 * 4 * (blocks * blocks + blocks) + 8 * blocks * block_size)
+
+
 @lru_cache(maxsize=None)
 def _flex_kernel(device_type: str):
     # Compiled FlexAttention on GPU; the eager reference elsewhere (correct, slow; used by CPU tests).

@@ -41,6 +41,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ouro_train.config import DeepSpeedConfig, LoraConfig, ModelInit, Objective, ObjectiveConfig, RunConfig
 from ouro_train.model import OuroConfig, OuroForCausalLM
+from ouro_train.model.attention import document_block_mask_bytes
 from ouro_train.model.configuration import RELEASED_ARCHITECTURES
 from ouro_train.model.sequence_parallel import SequenceParallel
 from ouro_train.train.lora import apply_lora
@@ -81,6 +82,10 @@ def step_memory(config: OuroConfig, shape: StepShape, ds: DeepSpeedConfig, world
         activations = activation_peak_bytes(model, shape, keep_grads=whole_grads)
         if whole_grads:
             activations = max(0, activations - states["gradients"])
+        # Packed rows on the GPU attend under a document block mask, built once per forward for the whole
+        # row (on every sequence-parallel rank) and held until the backward ends. The traced rows are one
+        # document each, so it is added here (an upper bound where the kernel needs no mask).
+        activations += document_block_mask_bytes(shape.micro_batch_size, shape.seq_len)
     step_temporaries = 4 * _shard(trainable, world_size if ds.zero_stage >= 1 else 1) if shape.bf16 else 0
     states["activations"] = activations
     states["peak"] = sum(states.values()) - activations + max(activations, step_temporaries)

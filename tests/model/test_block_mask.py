@@ -96,3 +96,22 @@ def test_building_the_64k_mask_peaks_under_64_mib():
     peak_mib = float(proc.stdout.split()[-1])
     # The element-wise mask at 64K holds 4 Gi booleans (4 GiB) before any reduction.
     assert peak_mib <= 64, f"building the 64K document block mask peaked at {peak_mib:.1f} MiB"
+
+
+def test_the_memory_estimate_holds_the_mask_of_the_whole_row(monkeypatch):
+    from conftest import tiny_config
+    from ouro_train.config import DeepSpeedConfig
+    from ouro_train.model.attention import document_block_mask_bytes
+    from ouro_train.train import memory
+
+    doc_ids = packed_doc_ids([[100, 200, 300, 57]] * 2)
+    mask = document_block_mask(doc_ids)
+    held = [mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks, mask.full_kv_indices, mask.q_num_blocks,
+            mask.q_indices, mask.full_q_num_blocks, mask.full_q_indices]
+    held += [cell.cell_contents for cell in mask.mask_mod.__closure__ if isinstance(cell.cell_contents, torch.Tensor)]
+    assert document_block_mask_bytes(2, 657) == sum(t.untyped_storage().nbytes() for t in held)
+    # Every rank of a sequence-parallel group holds the mask of the whole row, above the traced activations.
+    monkeypatch.setattr(memory, "activation_peak_bytes", lambda *args, **kwargs: 0)
+    shape = memory.StepShape(seq_len=65536, micro_batch_size=2, sequence_parallel=4)
+    estimate = memory.step_memory(tiny_config(), shape, DeepSpeedConfig(zero_stage=2), world_size=4)
+    assert estimate["activations"] == document_block_mask_bytes(2, 65536)
