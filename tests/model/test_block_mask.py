@@ -4,12 +4,13 @@
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
 from torch.nn.attention.flex_attention import _ordered_to_dense, create_block_mask, create_mask
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, tiny_model
 from ouro_train.model.attention import document_block_mask, document_ids
 
 
@@ -115,3 +116,40 @@ def test_the_memory_estimate_holds_the_mask_of_the_whole_row(monkeypatch):
     shape = memory.StepShape(seq_len=65536, micro_batch_size=2, sequence_parallel=4)
     estimate = memory.step_memory(tiny_config(), shape, DeepSpeedConfig(zero_stage=2), world_size=4)
     assert estimate["activations"] == document_block_mask_bytes(2, 65536)
+
+
+def _sequence_parallel_rank(rank: int, size: int, store_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from ouro_train.model.sequence_parallel import SequenceParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=size)
+    try:
+        ids, positions = sequence_parallel_row()
+        model = tiny_model(seed=5, attn_implementation="flex_attention")
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # FlexAttention warns when it runs uncompiled on CPU
+            out = model(ids, position_ids=positions, use_cache=False, compute_logits=False,
+                        sequence_parallel=SequenceParallel(dist.group.WORLD, rank, size))
+        torch.save(torch.stack(out.step_hidden_states), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def sequence_parallel_row():
+    """One row of 3 documents, the middle one across the two shards' boundary (at token 32)."""
+    ids = torch.randint(3, 128, (1, 64), generator=torch.Generator().manual_seed(7))
+    return ids, torch.cat([torch.arange(n) for n in (9, 40, 15)])[None]
+
+
+def test_sequence_parallel_ranks_attend_under_the_whole_rows_block_mask(tmp_path):
+    # Each of 2 ranks holds 32 tokens, exchanges q, k, v for half the heads and attends over all 64
+    # tokens under the row's block mask: together they give the single-process forward.
+    torch.multiprocessing.spawn(_sequence_parallel_rank, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    ids, positions = sequence_parallel_row()
+    model = tiny_model(seed=5, attn_implementation="flex_attention")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = torch.stack(model(ids, position_ids=positions, use_cache=False, compute_logits=False).step_hidden_states)
+    shards = torch.cat([torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)], dim=2)
+    torch.testing.assert_close(shards, ref, rtol=1e-5, atol=1e-5)
