@@ -9,7 +9,8 @@ Kernels:
 - `eager` (reference): explicit softmax in fp32 over bf16 scores with an additive mask.
 - `flex`: PyTorch FlexAttention with a document block mask. Chosen automatically for packed batches
   on CUDA (or always with `attn_implementation="flex_attention"`); a packed batch anywhere else falls
-  back to SDPA with a block-diagonal causal mask.
+  back to SDPA with a block-diagonal causal mask. The block mask is built per tile from the documents'
+  boundaries (`document_block_mask`): its size grows with (S / 128)², never S².
 
 Packed batches: documents packed into one row are given by `position_ids` that restart at 0 (or by
 cumulative sequence lengths, converted to such position ids by the model). No token attends across a
