@@ -8,9 +8,12 @@ import pytest
 from safetensors import safe_open
 
 from train_helpers import compose_run, metrics
-from conftest import run_in_process
+from conftest import REPO_ROOT, run_in_process
 from ouro_train.cli import train as train_cli
+from ouro_train.run_dir import RunDir
 from ouro_train.train.trainer import Trainer
+
+DEMO = REPO_ROOT / "tests" / "data" / "llamafactory_demo"
 
 
 def overrides(tmp_path, data_cache, *extra):
@@ -75,3 +78,25 @@ def test_sft_recipe_is_full_fine_tuning_with_the_expected_defaults():
     assert not run.lora.enabled and run.model.checkpointing.value == "auto"
     assert run.data.pack and run.optim.schedule.value == "cosine" and run.optim.warmup_ratio > 0
     assert run.export.dtype.value == "auto"
+
+
+def test_sft_recipe_trains_a_base_on_a_llamafactory_dataset_info(tmp_path, monkeypatch):
+    """The sft recipe as a LLaMA-Factory user launches it: a dataset_info.json, a held-out split, the
+    LLaMA-Factory supervision, a wsd schedule; it trains, evaluates and exports in the dtype trained."""
+    from train_helpers import tiny_base_model
+
+    base, cache, _ = tiny_base_model(tmp_path)
+    out = tmp_path / "run"
+    args = ["--config-name", "sft", f"model.path={base}", f"output_dir={out}", f"data.cache_dir={cache}",
+            f"data.dataset_info={DEMO}/dataset_info.json", "data.datasets=[identity,alpaca_en_demo,thinking_demo]",
+            "data.val_size=2", "data.mask_turn_end=false", "data.max_seq_len=256", "data.pack=false", "optim.schedule=wsd",
+            "optim.warmup_ratio=0", "train.global_batch_size=2", "train.epochs=1", "deepspeed=zero0",
+            "wandb.mode=disabled"]
+    assert run_in_process(monkeypatch, train_cli, *args) == 0
+    records = metrics(out)
+    assert set(records) == {1, 2} and all(r["grad_norm"] is not None for r in records.values())  # 5 rows, 2 a step
+    assert "eval_loss" in metrics(out, "eval")[2]
+    assert json.loads((out / "export" / "config.json").read_text())["dtype"] == "float32"
+    manifest = json.loads(RunDir(out).data_manifest_file.read_text())
+    assert manifest["mask_turn_end"] is False and manifest["num_documents"] == 5
+    assert set(manifest["sources"]) == {"identity", "alpaca_en_demo", "thinking_demo"}
