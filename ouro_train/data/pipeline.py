@@ -8,7 +8,9 @@ stops the run before any tokenization; with `skip` a source over its bad-row bud
 bad rows of each source are kept in `bad_rows.jsonl` beside the manifest, or beside where the cache
 directory would have been when the run stops); then the mix draws its rows; only drawn rows are tokenized
 (`.map(num_proc=data.num_proc)`); overlong documents are dropped or truncated; rows are packed and
-written. A cache directory whose key matches is reused without loading or tokenizing anything.
+written. With `data.val_size` the held-out rows are taken from the valid rows before the mix (`hold_out`):
+the train split mixes the rest, the eval split takes each held-out row once. A cache directory whose
+key matches is reused without loading or tokenizing anything.
 """
 
 from __future__ import annotations
@@ -40,8 +42,8 @@ from ouro_train.data.validate import DataError, check_budgets, check_data_config
 
 Log = Callable[[str], None]
 BAD_ROWS_LOGGED = 100  # per source, in bad_rows.jsonl
-# Source settings that choose rows from a scan rather than change how it reads them.
 VAL_SPLIT_STREAM = 0x5A1  # the random stream of data.val_size, apart from the mix's per-source streams
+# Source settings that choose rows from a scan rather than change how it reads them.
 SELECTION_FIELDS = ("name", "domain", "where", "weight", "count", "epochs", "replace", "max_bad_fraction")
 
 
