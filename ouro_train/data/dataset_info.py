@@ -11,7 +11,7 @@ An entry maps to one SourceConfig named after it:
 | `formatting: sharegpt`                   | `format: sharegpt`; `columns` messages/system/tools -> `fields` conversations/system/tools; `tags` role_tag/content_tag -> `fields` from/value, user_tag/assistant_tag/observation_tag/function_tag/system_tag -> `role_map` |
 
 Columns LLaMA-Factory leaves unset by default (alpaca `history`, `system`, `tools`) are left unread here
-too. `ms_hub_url` and `om_hub_url` beside an `hf_hub_url` are ignored (the Hugging Face hub is used);
+too, as are the other format's columns and an alpaca entry's `tags`, which it does not use either. `ms_hub_url` and `om_hub_url` beside an `hf_hub_url` are ignored (the Hugging Face hub is used);
 `file_sha1` is ignored. Refused, with the entry and key named: preference and KTO data (`ranking`,
 `chosen`, `rejected`, `kto_tag`), images, videos and audios (the model reads text), and what has no
 source equivalent (`script_url`, `cloud_file_name`, hub `folder`, an entry with only `ms_hub_url` or
@@ -120,13 +120,12 @@ def entry_source(name: str, entry: Any, folder: Path, where: str) -> SourceConfi
         src.format, mapping = Format.sharegpt, SHAREGPT_COLUMNS
     else:
         raise refuse("formatting", f"{formatting!r} is not alpaca or sharegpt")
-    for column in columns:
-        if column not in mapping:
-            raise refuse(f"columns.{column}", f"not a column of the {formatting} format (known: {', '.join(mapping)})")
+    for column in columns:  # the other format's columns are unused, as in LLaMA-Factory
+        if column not in ALPACA_COLUMNS and column not in SHAREGPT_COLUMNS:
+            raise refuse(f"columns.{column}", "not a dataset_info.json column (known: "
+                         f"{', '.join(sorted({*ALPACA_COLUMNS, *SHAREGPT_COLUMNS, *TEXT_ONLY, *PREFERENCE}))})")
     src.fields = {ours: columns.get(theirs, default) for theirs, (ours, default) in mapping.items()}
-    if formatting == "alpaca":
-        if tags:
-            raise refuse("tags", "tags describe sharegpt messages; this entry is alpaca")
+    if formatting == "alpaca":  # tags describe sharegpt messages: unused here, as in LLaMA-Factory
         return src
     for tag in tags:
         if tag not in ROLE_TAGS and tag not in ("role_tag", "content_tag"):

@@ -92,9 +92,11 @@ def test_unknown_keys_and_local_splits_are_refused(tmp_path):
     info.write_text(json.dumps({"a": {"file_name": "a.json", "colums": {}},
                                 "b": {"file_name": "b.json", "split": "test"},
                                 "c": {"file_name": "c.json", "formatting": "openai"},
-                                "d": {"file_name": "d.json", "formatting": "sharegpt", "tags": {"speaker_tag": "x"}}}))
+                                "d": {"file_name": "d.json", "formatting": "sharegpt", "tags": {"speaker_tag": "x"}},
+                                "e": {"file_name": "e.json", "columns": {"answer": "output"}}}))
     for name, message in [("a", "entry 'a': colums: not a dataset_info.json key"), ("b", "entry 'b': split: 'test'"),
-                          ("c", "entry 'c': formatting: 'openai'"), ("d", "entry 'd': tags.speaker_tag")]:
+                          ("c", "entry 'c': formatting: 'openai'"), ("d", "entry 'd': tags.speaker_tag"),
+                          ("e", "entry 'e': columns.answer: not a dataset_info.json column")]:
         with pytest.raises(DataError, match=message):
             dataset_info_sources(str(tmp_path), [name], "data.eval_datasets")  # a folder: its dataset_info.json
 
