@@ -98,6 +98,13 @@ def test_shuffle_false_keeps_the_file_order_and_the_loader_takes_it_in_order(tmp
     sums = [int(prepared[r][0].sum()) for r in range(12)]
     assert seen[0] == [sums[r] for r in (0, 2, 4, 6, 8, 10)] * 2
     assert seen[1] == [sums[r] for r in (1, 3, 5, 7, 9, 11)] * 2
+    # A resume on one process after two micro-batches of two ranks goes on at row 4, in order.
+    first = MicroBatchLoader(prepared, 1, rank=0, world_size=2, shuffle=False)
+    batches = iter(first)
+    next(batches), next(batches)
+    resumed = MicroBatchLoader(prepared, 1, rank=0, world_size=1, shuffle=False)
+    resumed.load_state_dict(first.state_dict())
+    assert [int(mb["input_ids"][0, : mb["num_tokens"]].sum()) for mb in resumed] == sums[4:]
 
 
 @pytest.mark.parametrize("val_size, held", [(0.25, 4), (3, 3)])
