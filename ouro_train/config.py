@@ -88,6 +88,22 @@ class Objective(Enum):
     gate = "gate"  # stage-2 adaptive gate training, LM frozen
 
 
+class Schedule(Enum):
+    """The learning-rate schedule after the linear warm-up (engine.lr_lambda has the formulas)."""
+
+    cosine = "cosine"  # cosine from lr to lr · min_lr_ratio
+    linear = "linear"  # straight line from lr to lr · min_lr_ratio
+    constant = "constant"  # lr throughout, no warm-up (warmup settings must be 0)
+    constant_with_warmup = "constant_with_warmup"  # warm-up, then lr
+    wsd = "wsd"  # warm-up, stable at lr, then the last decay_ratio of the steps linear to lr · min_lr_ratio
+
+
+class ExportDtype(Enum):
+    auto = "auto"  # the training dtype (bf16 when deepspeed trains in bf16, else fp32)
+    bf16 = "bf16"
+    fp32 = "fp32"
+
+
 class WandbMode(Enum):
     offline = "offline"
     online = "online"
@@ -172,6 +188,21 @@ class DataConfig:
     allow_empty_answer: bool = False
     overlong: Overlong = Overlong.drop
     last_turn_only: bool = False  # supervise only the final assistant turn
+    # Also supervise the prompt: system, user and tool turns and the assistant headers.
+    train_on_prompt: bool = False
+    # true: the "\n" after an assistant's <|im_end|> is not supervised (generation stops at <|im_end|>);
+    # false: it is, as LLaMA-Factory's ChatML template does (its reply slot is "{content}<|im_end|>\n").
+    mask_turn_end: bool = True
+    # false: the rows keep the order of the files (one document per row without packing, sources in
+    # order, no mix draw) and the loader takes them in that order on every epoch.
+    shuffle: bool = True
+    # Hold out training conversations as the eval set: a fraction (< 1) or a count (>= 1) of the valid
+    # training rows, drawn with data.seed; 0: none. Excludes data.eval_sources / eval_files / eval_datasets.
+    val_size: float = 0.0
+    # A LLaMA-Factory dataset_info.json, and the names of its entries to train (and evaluate) on.
+    dataset_info: Optional[str] = None
+    datasets: List[str] = field(default_factory=list)
+    eval_datasets: List[str] = field(default_factory=list)
     mix_size: Optional[int] = None  # rows shared by weighted sources (None: their total size)
     seed: int = 0
     num_proc: int = 1
@@ -182,6 +213,13 @@ class DataConfig:
         _require(self.max_seq_len >= 2, f"{at}.max_seq_len", f"must be >= 2, got {self.max_seq_len}")
         _require(self.num_proc >= 1, f"{at}.num_proc", f"must be >= 1, got {self.num_proc}")
         _require(self.mix_size is None or self.mix_size >= 0, f"{at}.mix_size", f"must be >= 0, got {self.mix_size}")
+        _require(self.val_size >= 0 and (self.val_size < 1 or self.val_size == int(self.val_size)), f"{at}.val_size",
+                 f"must be a fraction in [0, 1) or a whole count of rows, got {self.val_size}")
+        _require(not (self.val_size and (self.eval_sources or self.eval_files or self.eval_datasets)), f"{at}.val_size",
+                 f"holds out eval rows from the training data; set it or {at}.eval_sources/eval_files/eval_datasets, "
+                 "not both")
+        _require(self.dataset_info is not None or not (self.datasets or self.eval_datasets), f"{at}.datasets",
+                 f"names entries of a dataset_info.json: set {at}.dataset_info=PATH")
 
 
 @dataclass
@@ -228,7 +266,9 @@ class OptimConfig:
     grad_clip: float = 1.0
     warmup_ratio: float = 0.0  # of the total optimizer steps; warmup_steps wins when set
     warmup_steps: Optional[int] = None
-    min_lr_ratio: float = 0.0  # cosine decays from lr to lr · min_lr_ratio
+    min_lr_ratio: float = 0.0  # the decaying schedules end at lr · min_lr_ratio
+    schedule: Schedule = Schedule.cosine
+    decay_ratio: float = 0.1  # wsd: the share of the total steps spent decaying, at the end
 
     def check(self, at: str) -> None:
         _require(self.lr > 0, f"{at}.lr", f"must be > 0, got {self.lr}")
@@ -241,6 +281,10 @@ class OptimConfig:
         _require(self.warmup_steps is None or self.warmup_steps >= 0, f"{at}.warmup_steps",
                  f"must be >= 0, got {self.warmup_steps}")
         _require(0 <= self.min_lr_ratio <= 1, f"{at}.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        _require(0 < self.decay_ratio <= 1, f"{at}.decay_ratio", f"must be in (0, 1], got {self.decay_ratio}")
+        warms = bool(self.warmup_steps) or (self.warmup_steps is None and self.warmup_ratio > 0)
+        _require(not (self.schedule == Schedule.constant and warms), f"{at}.schedule",
+                 f"constant has no warm-up; use constant_with_warmup or set {at}.warmup_ratio=0")
 
 
 @dataclass
@@ -404,6 +448,7 @@ class ExportConfig:
     # A downloaded upstream Ouro checkpoint (e.g. ByteDance/Ouro-1.4B): its configuration_ouro.py and
     # modeling_ouro.py are copied and auto_map points at them, as vLLM and upstream's loaders need.
     remote_code: Optional[str] = None
+    dtype: ExportDtype = ExportDtype.auto  # auto: the dtype the run trained in
 
 
 @dataclass

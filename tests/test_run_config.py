@@ -66,7 +66,7 @@ def test_choices_are_typed_and_every_recipe_parses():
     run = load(["model.checkpointing=step+layer", "objective.name=gate", "wandb.mode=disabled"])
     assert run.model.checkpointing is Checkpointing["step+layer"] and run.objective.name is Objective.gate
     assert run.wandb.mode is WandbMode.disabled and run.model.attn_implementation is AttnImplementation.sdpa
-    for recipe in ("smoke", "thinking_sft", "lora_domain"):
+    for recipe in ("smoke", "thinking_sft", "lora_domain", "sft"):
         load(name=recipe)
 
 

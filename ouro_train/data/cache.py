@@ -42,7 +42,7 @@ def cache_key(split: str, sources: Sequence[SourceConfig], data: DataConfig, tok
     settings = {
         k: getattr(data, k)
         for k in ("max_seq_len", "pack", "on_bad_row", "max_bad_fraction", "allow_empty_answer", "overlong",
-                  "last_turn_only", "mix_size", "seed")
+                  "last_turn_only", "train_on_prompt", "mask_turn_end", "shuffle", "val_size", "mix_size", "seed")
     }
     spec = {
         "format_version": FORMAT_VERSION,

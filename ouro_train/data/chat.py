@@ -23,11 +23,18 @@ Supervised (label = token) are the assistant content tokens, the `<think>` block
 `<|im_end|>`; not the `<|im_start|>assistant\\n` header, not the `\\n` after `<|im_end|>` (template glue
 the model never has to generate: generation stops at `<|im_end|>`), not system, user or tool turns, and
 not an assistant turn whose `train` is false (context only; `last_turn_only` supervises the last
-trained one).
+trained one). Two options change that (`Supervision`):
+  `train_on_prompt`  every token but the document's first `<|im_start|>` is supervised: system, user and
+                     tool turns and the assistant headers too (LLaMA-Factory's `train_on_prompt`);
+  `mask_turn_end`    false supervises the `\n` after a supervised assistant's `<|im_end|>`, as
+                     LLaMA-Factory's ChatML templates do (their reply slot is `{content}<|im_end|>\n`).
+The first token of a document is never supervised: in a packed row it would be a target predicted from
+the previous document.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence, Union
 
 import numpy as np
@@ -37,6 +44,20 @@ IM_START, IM_END, THINK_OPEN, THINK_CLOSE = "<|im_start|>", "<|im_end|>", "<thin
 DEFAULT_SYSTEM = "You are a helpful assistant."
 
 Piece = tuple[Union[int, str], bool]  # a special id or a text, and whether it is supervised
+
+
+@dataclass(frozen=True)
+class Supervision:
+    """Which tokens beyond the assistant replies are supervised (the module docstring)."""
+
+    last_turn_only: bool = False
+    train_on_prompt: bool = False
+    mask_turn_end: bool = True
+
+    @classmethod
+    def of(cls, data) -> "Supervision":
+        """From a DataConfig."""
+        return cls(data.last_turn_only, data.train_on_prompt, data.mask_turn_end)
 
 
 class ChatEncoder:
@@ -69,51 +90,57 @@ class ChatEncoder:
         self.__dict__.update(state)
         self._text = _text_tokenizer(self._spec)
 
-    def pieces(self, messages: Sequence[dict], last_turn_only: bool = False) -> list[Piece]:
+    def pieces(self, messages: Sequence[dict], last_turn_only: bool = False,
+               supervision: Supervision | None = None) -> list[Piece]:
+        sv = supervision or Supervision(last_turn_only)
         if messages[0]["role"] != "system":
             messages = [{"role": "system", "content": DEFAULT_SYSTEM}, *messages]
         trained = [i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("train", True)]
         last = trained[-1] if trained else -1
+        prompt = sv.train_on_prompt
         out: list[Piece] = []
         for i, m in enumerate(messages):
-            out.append((self.im_start, False))
+            out.append((self.im_start, prompt and i > 0))
             if m["role"] != "assistant":
-                out += [(f"{m['role']}\n{m['content']}", False), (self.im_end, False), ("\n", False)]
+                out += [(f"{m['role']}\n{m['content']}", prompt), (self.im_end, prompt), ("\n", prompt)]
                 continue
-            sup = m.get("train", True) and (i == last or not last_turn_only)
-            out.append(("assistant\n", False))
+            sup = m.get("train", True) and (i == last or not sv.last_turn_only)
+            out.append(("assistant\n", prompt))
             content = m["content"]
             if m.get("reasoning") is not None:
                 out += [(self.think_open, sup), (f"\n{m['reasoning']}\n", sup), (self.think_close, sup)]
                 content = f"\n\n{content}"
-            out += [(content, sup), (self.im_end, sup), ("\n", False)]
+            out += [(content, sup), (self.im_end, sup), ("\n", sup and not sv.mask_turn_end)]
         return out
 
     def render_text(self, messages: Sequence[dict]) -> str:
         """The conversation as text, as the chat template writes it."""
         return "".join(p if isinstance(p, str) else self._special[p] for p, _ in self.pieces(messages))
 
-    def encode(self, messages: Sequence[dict], last_turn_only: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        return self.encode_batch([messages], last_turn_only)[0]
+    def encode(self, messages: Sequence[dict], last_turn_only: bool = False,
+               supervision: Supervision | None = None) -> tuple[np.ndarray, np.ndarray]:
+        return self.encode_batch([messages], last_turn_only, supervision)[0]
 
     def encode_batch(
-        self, conversations: Sequence[Sequence[dict]], last_turn_only: bool = False
+        self, conversations: Sequence[Sequence[dict]], last_turn_only: bool = False,
+        supervision: Supervision | None = None,
     ) -> list[tuple[np.ndarray, np.ndarray]]:
         """[(input_ids int32, supervised bool)] per conversation."""
         if not conversations:
             return []
-        ids, sup, lengths = self.encode_flat(conversations, last_turn_only)
+        ids, sup, lengths = self.encode_flat(conversations, last_turn_only, supervision)
         bounds = np.cumsum(lengths)[:-1]
         return list(zip(np.split(ids, bounds), np.split(sup, bounds)))
 
     def encode_flat(
-        self, conversations: Sequence[Sequence[dict]], last_turn_only: bool = False
+        self, conversations: Sequence[Sequence[dict]], last_turn_only: bool = False,
+        supervision: Supervision | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(input_ids int32, supervised bool, tokens per conversation int64), the conversations' ids
         one after the other. All text pieces go through one batched encode call: `encode_batch`, not
         `encode_batch_fast`, which gives the same ids but takes about a quarter more CPU time with this
         tokenizer (tokenizers 0.23). The mask is built per piece, not per token."""
-        all_pieces = [self.pieces(c, last_turn_only) for c in conversations]
+        all_pieces = [self.pieces(c, last_turn_only, supervision) for c in conversations]
         fixed = self._fixed
         texts = [p for pieces in all_pieces for p, _ in pieces if isinstance(p, str) and p and p not in fixed]
         encoded = iter(self._text.encode_batch(texts, add_special_tokens=False))

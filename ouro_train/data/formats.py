@@ -3,7 +3,7 @@
 | format            | columns (defaults; renamed with the source's `fields`)                       |
 |-------------------|-------------------------------------------------------------------------------|
 | `messages`        | `messages`: [{`role`, `content`, `reasoning`?}]                               |
-| `sharegpt`        | `conversations`: [{`from`, `value`}]                                          |
+| `sharegpt`        | `conversations`: [{`from`, `value`}], `system`? (read only when `fields` names it) |
 | `prompt_response` | `prompt` (a string or a list of messages), `response`, `reasoning`?, `system`? |
 | `alpaca`          | `instruction`, `input`?, `output`, `system`?, `history`? ([prompt, response]s) |
 
@@ -58,7 +58,7 @@ TRAIN_FLAGS = ("loss_weight", "train", "weight")
 TOOLS_HEADER = "\n\n# Tools\n\nYou may call these functions:\n<tools>\n"
 DEFAULT_FIELDS = {
     Format.messages: {"messages": "messages"},
-    Format.sharegpt: {"conversations": "conversations"},
+    Format.sharegpt: {"conversations": "conversations", "from": "from", "value": "value", "system": None},
     Format.prompt_response: {"prompt": "prompt", "response": "response", "reasoning": "reasoning", "system": "system"},
     Format.alpaca: {"instruction": "instruction", "input": "input", "output": "output", "system": "system",
                     "history": "history"},
@@ -133,7 +133,8 @@ class RowReader:
 
     def _sharegpt(self, row: dict) -> tuple[list[dict], str]:
         key = self.fields["conversations"]
-        return self._message_list(require(row, key, key), key, "from", "value"), key
+        messages = self._message_list(require(row, key, key), key, self.fields["from"], self.fields["value"])
+        return self._with_system(row, messages), key
 
     def _prompt_response(self, row: dict) -> tuple[list[dict], str]:
         f = self.fields
@@ -150,7 +151,7 @@ class RowReader:
         f = self.fields
         instruction = require_text(require(row, f["instruction"], f["instruction"]), f["instruction"])
         extra = optional_text(row, f["input"], f["input"])
-        prompt = f"{instruction}\n\n{extra}" if extra else instruction
+        prompt = f"{instruction}\n{extra}" if extra else instruction  # as LLaMA-Factory joins them
         output = require(row, f["output"], f["output"])
         messages = self._history(row)
         messages += [self._turn("user", prompt, None, f["instruction"]), self._turn("assistant", output, None, f["output"])]

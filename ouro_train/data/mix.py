@@ -70,15 +70,20 @@ def plan_mix(sources: Sequence[SourceConfig], available: Sequence[int], mix_size
     return plans
 
 
-def draw(n: int, k: int, replace: bool, seed: int, name: str) -> np.ndarray:
-    """k row indices in [0, n) for the source called `name`."""
+def draw(n: int, k: int, replace: bool, seed: int, name: str, shuffle: bool = True) -> np.ndarray:
+    """k row indices in [0, n) for the source called `name`. `shuffle=False` (data.shuffle) keeps the
+    file order: whole passes in order, then the rest (the same rows as shuffled) in order."""
     rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
     if k == 0:
         return np.zeros(0, dtype=np.int64)
     if replace:
-        return rng.integers(0, n, size=k, dtype=np.int64)
+        picks = rng.integers(0, n, size=k, dtype=np.int64)
+        return np.sort(picks) if not shuffle else picks
     passes = [rng.permutation(n) for _ in range(k // n)]
-    return np.concatenate([*passes, rng.choice(n, size=k % n, replace=False)]).astype(np.int64)
+    rest = rng.choice(n, size=k % n, replace=False)
+    if not shuffle:
+        passes, rest = [np.arange(n)] * len(passes), np.sort(rest)
+    return np.concatenate([*passes, rest]).astype(np.int64)
 
 
 def format_plan(plans: Sequence[SourcePlan]) -> str:

@@ -20,7 +20,7 @@ import datasets
 import numpy as np
 import pyarrow as pa
 
-from ouro_train.data.chat import ChatEncoder
+from ouro_train.data.chat import ChatEncoder, Supervision
 
 DROP_REASONS = ("overlong", "no_supervised_tokens")
 TOKENIZED = datasets.Features(
@@ -35,11 +35,12 @@ TOKENIZED = datasets.Features(
 )
 
 
-def tokenize_batch(batch: dict, encoder: ChatEncoder, max_seq_len: int, truncate: bool, last_turn_only: bool) -> pa.Table:
+def tokenize_batch(batch: dict, encoder: ChatEncoder, max_seq_len: int, truncate: bool,
+                   supervision: Supervision) -> pa.Table:
     """datasets `.map(batched=True)` function: messages -> input_ids, supervised, length, drop reason.
     The batch's tokens stay in flat arrays and become one Arrow table (list columns from offsets):
     nothing per token or per document goes through Python objects."""
-    ids, sup, lengths = encoder.encode_flat(batch["messages"], last_turn_only)
+    ids, sup, lengths = encoder.encode_flat(batch["messages"], supervision=supervision)
     n = len(lengths)
     starts = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(lengths, out=starts[1:])

@@ -8,7 +8,9 @@ stops the run before any tokenization; with `skip` a source over its bad-row bud
 bad rows of each source are kept in `bad_rows.jsonl` beside the manifest, or beside where the cache
 directory would have been when the run stops); then the mix draws its rows; only drawn rows are tokenized
 (`.map(num_proc=data.num_proc)`); overlong documents are dropped or truncated; rows are packed and
-written. A cache directory whose key matches is reused without loading or tokenizing anything.
+written. With `data.val_size` the held-out rows are taken from the valid rows before the mix (`hold_out`):
+the train split mixes the rest, the eval split takes each held-out row once. A cache directory whose
+key matches is reused without loading or tokenizing anything.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ import pyarrow.compute as pc
 
 from ouro_train.config import DataConfig, SourceConfig
 from ouro_train.data.cache import PreparedData, atomic_dir, cache_key, new_array, write_manifest
-from ouro_train.data.chat import ChatEncoder
+from ouro_train.data.chat import ChatEncoder, Supervision
+from ouro_train.data.dataset_info import dataset_info_sources
 from ouro_train.data.mix import SourcePlan, draw, plan_mix
 from ouro_train.data.pack import DROP_REASONS, TOKENIZED, best_fit_decreasing, tokenize_batch
 from ouro_train.data.sources import load_source
@@ -39,6 +42,7 @@ from ouro_train.data.validate import DataError, check_budgets, check_data_config
 
 Log = Callable[[str], None]
 BAD_ROWS_LOGGED = 100  # per source, in bad_rows.jsonl
+VAL_SPLIT_STREAM = 0x5A1  # the random stream of data.val_size, apart from the mix's per-source streams
 # Source settings that choose rows from a scan rather than change how it reads them.
 SELECTION_FIELDS = ("name", "domain", "where", "weight", "count", "epochs", "replace", "max_bad_fraction")
 
@@ -57,16 +61,47 @@ class Checked:
 
 
 def split_sources(data: DataConfig, split: str) -> list[SourceConfig]:
-    """The sources of a split: the listed ones plus one per convenience file."""
+    """The sources of a split: the listed ones, one per convenience file, the named dataset_info.json
+    entries. With `data.val_size` the eval split reads the training sources (and keeps the held-out rows)."""
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     check_data_config(data)
-    listed, files = (data.sources, data.train_files) if split == "train" else (data.eval_sources, data.eval_files)
+    if split == "eval" and data.val_size:
+        split = "train"
+    listed, files, named = ((data.sources, data.train_files, data.datasets) if split == "train" else
+                            (data.eval_sources, data.eval_files, data.eval_datasets))
     sources = list(listed) + [SourceConfig(name=Path(f).stem, path=f) for f in files]
+    if named:
+        sources += dataset_info_sources(data.dataset_info, named, "data.datasets" if split == "train" else "data.eval_datasets")
     names = [s.name for s in sources]
     if len(set(names)) != len(names):
         raise DataError(f"{split} source names must be unique, got {names}")
     return sources
+
+
+def hold_out(data: DataConfig, checked: list[Checked], split: str) -> list[SourcePlan] | None:
+    """`data.val_size`: draw the held-out rows from all sources' valid rows together (seeded by
+    data.seed) and keep, in each Checked, the rest (train) or only those (eval). For eval, the plan
+    takes each held-out row once, whatever the sources' weight/count/epochs; None: plan as usual."""
+    if not data.val_size:
+        return None
+    counts = [len(c.valid) for c in checked]
+    total = sum(counts)
+    k = int(data.val_size) if data.val_size >= 1 else int(round(data.val_size * total))
+    if not 1 <= k < total:
+        raise DataError(f"data.val_size={data.val_size:g} holds out {k} of the {total} valid training rows; "
+                        "it must leave at least one row on each side")
+    held = np.zeros(total, dtype=bool)
+    held[np.random.default_rng([data.seed, VAL_SPLIT_STREAM]).choice(total, size=k, replace=False)] = True
+    start = 0
+    for c, n in zip(checked, counts):
+        mine = held[start : start + n]
+        c.valid = c.valid[mine] if split == "eval" else c.valid[~mine]
+        start += n
+    if split == "train":
+        return None
+    once = [dataclasses.replace(c.src, weight=None, count=None, epochs=1.0, replace=False) for c in checked]
+    return plan_mix(once, [len(c.valid) for c in checked])
 
 
 def check_sources(data: DataConfig, sources: list[SourceConfig], work: Path, bad_rows_log: Path | None = None) -> list[Checked]:
@@ -147,7 +182,7 @@ def plan(data: DataConfig, split: str = "train", tokenizer=None, sample: int = 2
     Path(data.cache_dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=data.cache_dir, prefix=".plan-") as work:
         checked = check_sources(data, sources, Path(work))
-        plans = plan_mix(sources, [len(c.valid) for c in checked], data.mix_size)
+        plans = hold_out(data, checked, split) or plan_mix(sources, [len(c.valid) for c in checked], data.mix_size)
         for c, p in zip(checked, plans):
             p.with_reasoning = c.with_reasoning
         if tokenizer is not None:
@@ -163,7 +198,7 @@ def _mean_tokens(c: Checked, encoder: ChatEncoder, data: DataConfig, sample: int
         return None
     picks = np.random.default_rng(data.seed).choice(c.valid, size=min(sample, len(c.valid)), replace=False)
     lengths = np.array([len(ids) for ids, _ in encoder.encode_batch(c.rows.select(picks)["messages"],
-                                                                     data.last_turn_only)])
+                                                                     supervision=Supervision.of(data))])
     kept = np.minimum(lengths, data.max_seq_len) if data.overlong.value == "truncate" else lengths[lengths <= data.max_seq_len]
     return float(kept.mean()) if len(kept) else None
 
@@ -182,7 +217,7 @@ def prepare(data: DataConfig, tokenizer, split: str = "train", log: Log = print)
     bad_rows_log.unlink(missing_ok=True)
     with atomic_dir(target) as tmp:
         checked = check_sources(data, sources, tmp / "work", bad_rows_log)
-        plans = plan_mix(sources, [len(c.valid) for c in checked], data.mix_size)
+        plans = hold_out(data, checked, split) or plan_mix(sources, [len(c.valid) for c in checked], data.mix_size)
         manifest = _build(data, tokenizer, checked, plans, tmp)
         del checked
         shutil.rmtree(tmp / "work")
@@ -204,12 +239,12 @@ def _build(data: DataConfig, tokenizer, checked: list[Checked], plans: list[Sour
         "encoder": encoder,
         "max_seq_len": data.max_seq_len,
         "truncate": data.overlong.value == "truncate",
-        "last_turn_only": data.last_turn_only,
+        "supervision": Supervision.of(data),
     }
     parts, ref_docs, sources_out = [], [], {}
     next_doc = 0
     for s, (c, p) in enumerate(zip(checked, plans)):
-        picks = c.valid[draw(len(c.valid), p.target, c.src.replace, data.seed, c.src.name)]
+        picks = c.valid[draw(len(c.valid), p.target, c.src.replace, data.seed, c.src.name, data.shuffle)]
         unique, inverse = np.unique(picks, return_inverse=True)
         if len(unique) == 0:  # nothing drawn (count: 0); map() over no rows would drop the columns
             tokenized = datasets.Dataset.from_dict({name: [] for name in TOKENIZED}, features=TOKENIZED)
@@ -269,6 +304,10 @@ def _build(data: DataConfig, tokenizer, checked: list[Checked], plans: list[Sour
         "max_seq_len": data.max_seq_len,
         "overlong": data.overlong.value,
         "last_turn_only": data.last_turn_only,
+        "train_on_prompt": data.train_on_prompt,
+        "mask_turn_end": data.mask_turn_end,
+        "shuffle": data.shuffle,
+        "val_size": data.val_size,
         "seed": data.seed,
         "num_rows": len(rows),
         "num_documents": len(ref_docs),

@@ -67,16 +67,35 @@ def build_ds_config(
 
 
 def lr_lambda(optim: OptimConfig, total_steps: int):
-    """Multiplier of `optim.lr` for the update with 0-based index s: linear warmup from lr/warmup to lr,
-    then cosine decay from lr towards lr · min_lr_ratio, reached after the last update."""
+    """Multiplier of `optim.lr` for the update with 0-based index s, over N = total_steps updates.
+
+    Warm-up (W steps: warmup_steps, else round(warmup_ratio · N)): (s + 1) / W for s < W. After it, with
+    m = min_lr_ratio and p = min(1, (s - W) / max(1, N - W)) the progress of the decay:
+      cosine                m + (1 - m) · (1 + cos(pi · p)) / 2
+      linear                m + (1 - m) · (1 - p)
+      constant              1 (no warm-up: the config refuses one)
+      constant_with_warmup  1
+      wsd                   1 (stable) until the last D = max(1, round(decay_ratio · N)) updates (never
+                            into the warm-up), then linear: m + (1 - m) · (1 - (s - (N - D)) / D)
+    The decaying ones reach lr · m after the last update (at s = N), as LLaMA-Factory's (transformers')
+    schedules reach 0 there; m = 0 is theirs."""
     warmup = optim.warmup_steps if optim.warmup_steps is not None else round(optim.warmup_ratio * total_steps)
     decay_steps = max(1, total_steps - warmup)
+    floor, kind = optim.min_lr_ratio, optim.schedule.value
+    wsd_decay = max(1, min(round(optim.decay_ratio * total_steps), total_steps - warmup))
 
     def multiplier(s: int) -> float:
         if s < warmup:
             return (s + 1) / warmup
+        if kind in ("constant", "constant_with_warmup"):
+            return 1.0
+        if kind == "wsd":
+            decayed = s - (total_steps - wsd_decay)
+            return 1.0 if decayed <= 0 else floor + (1 - floor) * (1 - min(1.0, decayed / wsd_decay))
         progress = min(1.0, (s - warmup) / decay_steps)
-        return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        if kind == "linear":
+            return floor + (1 - floor) * (1 - progress)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return multiplier
 

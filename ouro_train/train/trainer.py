@@ -119,7 +119,7 @@ class Trainer:
         self.train_data = self._prepare("train")
         self.eval_data = self._prepare("eval") if split_sources(cfg.data, "eval") else None
         loader = MicroBatchLoader(self.train_data, cfg.train.micro_batch_size, rank=self.dp_rank,
-                                  world_size=self.dp_world, seed=cfg.data.seed,
+                                  world_size=self.dp_world, seed=cfg.data.seed, shuffle=cfg.data.shuffle,
                                   pad_to_multiple_of=math.lcm(8, sp))
         self.total_steps = total_steps(cfg.max_steps, cfg.train.epochs,
                                        self.geometry.steps_per_epoch(len(self.train_data)))
@@ -317,6 +317,7 @@ class Trainer:
             for key, value in itertools.chain([("loss", obj.loss_sum)], obj.metric_sums.items()):
                 sums[key] = sums.get(key, 0.0) + value.detach().double()
             if i == len(micro_batches) - 1:
+                own_norm = self._zero0_grad_norm()
                 self._drop_non_finite_step(sums["loss"])
             self.engine.step()
         names = sorted(sums)
@@ -325,6 +326,7 @@ class Trainer:
         finite = math.isfinite(record["loss"])
         self.state.record_step(int(tokens), finite)
         grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = own_norm if grad_norm is None else grad_norm
         return {
             **record,
             "lr": lr,
@@ -335,6 +337,15 @@ class Trainer:
             "bad_steps": self.state.bad_steps_total,
             "step_applied": finite and bool(self.engine.was_step_applied()),
         }
+
+    def _zero0_grad_norm(self) -> float | None:
+        """The gradient norm before clipping under ZeRO-0, where DeepSpeed's fp32 path clips without
+        keeping the norm (get_global_grad_norm() stays None). The last backward already averaged the
+        gradients over the ranks, so every rank holds the global gradient."""
+        if self.cfg.deepspeed.zero_stage != 0 or hasattr(self.engine.optimizer, "_global_grad_norm"):
+            return None  # DeepSpeed keeps it (ZeRO, or its bf16 optimizer)
+        norms = [p.grad.detach().float().norm() for p in self.engine.module.parameters() if p.grad is not None]
+        return torch.linalg.vector_norm(torch.stack(norms)).item() if norms else 0.0
 
     def _drop_non_finite_step(self, local_loss: torch.Tensor) -> None:
         """ZeRO 1-3 skip an update whose gradient norm is not finite. Without ZeRO we neutralise it:

@@ -38,12 +38,13 @@ def test_changed_config_data_or_tokenizer_rebuilds(tmp_path, counted_tokenizatio
     path = write_jsonl(tmp_path / "c.jsonl", [chat(f"q{i}", f"a{i}") for i in range(20)])
     base = prepare(data_config(tmp_path, [source("c", path)], max_seq_len=128), project_tok())
     paths = {base.path}
-    for changed in (dict(max_seq_len=256), dict(pack=False), dict(seed=3), dict(last_turn_only=True)):
+    for changed in (dict(max_seq_len=256), dict(pack=False), dict(seed=3), dict(last_turn_only=True),
+                    dict(train_on_prompt=True), dict(mask_turn_end=False), dict(shuffle=False), dict(val_size=2)):
         paths.add(prepare(data_config(tmp_path, [source("c", path)], **{"max_seq_len": 128, **changed}), project_tok()).path)
     paths.add(prepare(data_config(tmp_path, [source("c", path, count=10)], max_seq_len=128), project_tok()).path)
     write_jsonl(path, [chat(f"q{i}", f"a{i}") for i in range(21)])  # the file changes
     paths.add(prepare(data_config(tmp_path, [source("c", path)], max_seq_len=128), project_tok()).path)
-    assert len(paths) == 7
+    assert len(paths) == 11
     other_tok = copy.deepcopy(project_tok())
     other_tok.chat_template = other_tok.chat_template.replace("You are a helpful assistant.", "Hi.")
     rebuilt = prepare(data_config(tmp_path, [source("c", path)], max_seq_len=128), other_tok)

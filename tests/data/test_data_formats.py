@@ -52,7 +52,7 @@ def test_llamafactory_alpaca_json_array(tmp_path):
     ]
     path = write_json(tmp_path / "alpaca_demo.json", rows)
     assert_same_as_messages(tmp_path, path, [
-        [{"role": "user", "content": "Add the numbers.\n\n2 and 3"}, {"role": "assistant", "content": "5"}],
+        [{"role": "user", "content": "Add the numbers.\n2 and 3"}, {"role": "assistant", "content": "5"}],
         [{"role": "system", "content": "Be warm."}, {"role": "user", "content": "Say hello."},
          {"role": "assistant", "content": "Hello!"}],
         [{"role": "user", "content": "Add 2 and 3."}, {"role": "assistant", "content": "5"},

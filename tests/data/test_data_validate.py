@@ -131,7 +131,7 @@ def test_alpaca_input_fields_prompt_list_and_system_prompt():
         {"role": "assistant", "content": "Hello", "reasoning": None, "train": True},
     ]
     alpaca = to_conversation({"instruction": "Sum", "input": "1 2", "output": "3"}, Format.alpaca, SourceConfig(name="s"))
-    assert alpaca[0]["content"] == "Sum\n\n1 2"
+    assert alpaca[0]["content"] == "Sum\n1 2"  # joined as LLaMA-Factory joins them
     raw = to_conversation(ROWS[Format.sharegpt], Format.sharegpt, SourceConfig(name="s", parse_think=False))
     assert raw[-1] == {"role": "assistant", "content": "<think>\n6 x 7 = 42.\n</think>\n\n42", "reasoning": None, "train": True}
 
