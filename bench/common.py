@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import time
+from pathlib import Path
 
 import torch
 
@@ -35,6 +36,15 @@ def packed_row(seq: int, vocab: int, gen: torch.Generator):
     ids = torch.randint(17, vocab, (1, seq), generator=gen)
     positions = torch.cat([torch.arange(n) for n in lengths])[None]
     return ids, positions, ids.masked_fill(positions == 0, -100)
+
+
+# The upstream remote code a baseline row can load (OURO_UPSTREAM_CODE=DIR); never part of the project.
+UPSTREAM_ENV = "OURO_UPSTREAM_CODE"
+UPSTREAM_FILES = ("configuration_ouro.py", "modeling_ouro.py")
+
+
+def missing_upstream_files(directory: str) -> list[str]:
+    return [name for name in UPSTREAM_FILES if not directory or not (Path(directory) / name).is_file()]
 
 
 @dataclasses.dataclass

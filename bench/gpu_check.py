@@ -28,11 +28,12 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
+sys.path[:0] = [str(REPO / "bench"), str(REPO)]
 
-from common import Row  # noqa: E402
+from common import UPSTREAM_ENV, UPSTREAM_FILES, Row, missing_upstream_files  # noqa: E402
 
 GPU_DEADLINE_S = 420.0
+FAILED = ("failed", "timeout", "interrupted")
 CPU_SEQ = {4096: 64, 8192: 128, 16384: 192, 32768: 256}  # --cpu: every row at a tiny length
 
 # Expected seconds on one H100/H200 (989 TFLOP/s dense bf16), by arithmetic: a row's start-up (Python,
@@ -115,7 +116,8 @@ def command(check: Check, out: Path) -> list[str]:
         return [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cuda", "tests/cuda",
                 f"--junitxml={out / 'rows' / f'{check.name}.xml'}"]
     spec = {"kind": check.kind, "row": dataclasses.asdict(check.row) if check.row else None}
-    return [py, "bench/gpu_check.py", "--run-row", json.dumps(spec), "--result", str(out / "rows" / f"{check.name}.json")]
+    result = out / "rows" / f"{check.name}.json"
+    return [py, "bench/gpu_check.py", "--run-row", json.dumps(spec), "--result", str(result)]
 
 
 def run_check(check: Check, out: Path, limit_s: float, env: dict) -> dict:
@@ -129,9 +131,10 @@ def run_check(check: Check, out: Path, limit_s: float, env: dict) -> dict:
                                 start_new_session=True)
         try:
             exit_status, status = proc.wait(timeout=limit_s), None
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            exit_status, status = proc.wait(), "timeout"
+        except (subprocess.TimeoutExpired, Interrupted, KeyboardInterrupt) as stop:
+            os.killpg(proc.pid, signal.SIGKILL)  # the row's own session: a signal to ours never reaches it
+            exit_status = proc.wait()
+            status = "timeout" if isinstance(stop, subprocess.TimeoutExpired) else "interrupted"
     stragglers = kill_session(proc.pid) if status is None else 0
     record = dict(status=status, exit_status=exit_status, seconds=time.monotonic() - start, log=str(log_path))
     if check.kind == "pytest":
@@ -141,12 +144,23 @@ def run_check(check: Check, out: Path, limit_s: float, env: dict) -> dict:
         record.update(json.loads(result_path.read_text()))
     if stragglers:
         record["stragglers_killed"] = stragglers
-    if record["status"] is None:
+    if status == "timeout":
+        record["error"] = f"time limit {limit_s:.0f} s reached"
+    elif status == "interrupted":
+        record["error"] = "the check was stopped (SIGTERM or Ctrl-C)"
+    else:
         record["status"] = "ok" if exit_status == 0 and "error" not in record else "failed"
-    if record["status"] != "ok" and not record.get("error"):
-        record["error"] = (f"time limit {limit_s:.0f} s reached" if record["status"] == "timeout"
-                           else last_line(log_path) or f"exit status {exit_status}")
+        if record["status"] == "failed" and not record.get("error"):
+            record["error"] = last_line(log_path) or f"exit status {exit_status}"
     return record
+
+
+class Interrupted(Exception):
+    """SIGTERM to the check (a job limit): the running row is killed and written, the rest not run."""
+
+
+def raise_interrupted(signum, frame):
+    raise Interrupted(signal.Signals(signum).name)
 
 
 def kill_session(pid: int) -> int:
@@ -178,7 +192,7 @@ def last_line(path: Path) -> str:
 def pytest_summary(junit: Path) -> dict:
     """The junit report's counts; a missing report is a failure, not zero tests."""
     if not junit.exists():
-        return {"status": "failed", "error": "pytest wrote no report"}
+        return {"error": "pytest wrote no report"}
     root = ET.parse(junit).getroot()
     suite = root if root.tag == "testsuite" else root.find("testsuite")
     failed = [f"{c.get('classname')}.{c.get('name')}" for c in suite.iter("testcase")
@@ -276,9 +290,10 @@ def table(records: list[dict], deadline_s: float, elapsed_s: float) -> str:
             lines.append(head + f"in {r.get('phase', '?')} (exit {r.get('exit_status')}): {r.get('error', '')}"[:200])
         if r.get("warning"):
             lines.append(f"{'':<18} warning: {r['warning']}")
-    bad = [r for r in records if r["status"] in ("failed", "timeout")]
-    skipped = sum(r["status"].startswith("not run") for r in records)
-    tail = f"; {skipped} not run (time budget {deadline_s:.0f} s)" if skipped else ""
+    bad = [r for r in records if r["status"] in FAILED]
+    not_run = [r["status"].split(": ")[1] for r in records if r["status"].startswith("not run")]
+    skipped = len(not_run)
+    tail = f"; {skipped} not run ({', '.join(sorted(set(not_run)))}; deadline {deadline_s:.0f} s)" if skipped else ""
     lines.append(f"total {elapsed_s:.0f} s{tail}")
     lines.append(f"FAILED: {len(bad)} of {len(records)} rows ({', '.join(r['name'] + ' ' + r['status'] for r in bad)})"
                  if bad else f"OK: every row that ran passed ({len(records) - skipped} of {len(records)})")
@@ -301,7 +316,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.run_row:
         return run_row_here(json.loads(args.run_row), args.result)
 
-    upstream = os.environ.get("OURO_UPSTREAM_CODE")
+    upstream = os.environ.get(UPSTREAM_ENV)
+    if upstream is not None and (missing := missing_upstream_files(upstream)):
+        p.error(f"{UPSTREAM_ENV}={upstream!r}: needs the upstream remote-code files {' and '.join(UPSTREAM_FILES)} "
+                f"(missing: {', '.join(missing)})")
     checks = plan(args.cpu, bool(upstream))
     names = {c.name for c in checks}
     for wanted in (args.rows or []) + [i.partition(":")[2] for i in args.inject]:
@@ -331,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     env.setdefault("DS_ACCELERATOR", "cpu" if args.cpu else "cuda")
     if args.cpu:
         env.update(CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu", OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"))
+    signal.signal(signal.SIGTERM, raise_interrupted)
     args.out.mkdir(parents=True, exist_ok=True)
     jsonl = args.out / "gpu_check.jsonl"
     jsonl.write_text("")
@@ -340,7 +359,9 @@ def main(argv: list[str] | None = None) -> int:
         base = dict(name=check.name, variant=check.name, kind=check.kind, expected_s=check.expected_s,
                     **({k: getattr(check.row, k) for k in ("model", "seq", "lora", "checkpointing", "compile")}
                        if check.row else {}))
-        if remaining < min(check.expected_s, check.limit_s):
+        if records and records[-1]["status"].endswith("interrupted"):
+            record = dict(base, status="not run: interrupted")
+        elif remaining < min(check.expected_s, check.limit_s):
             record = dict(base, status="not run: time budget")
         else:
             limit = min(check.limit_s, remaining)
@@ -364,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
                   deadline_s=deadline, seconds=elapsed, cpu=args.cpu, upstream_code=upstream, results=records)
     (args.out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
     print("\n" + table(records, deadline, elapsed))
-    return 1 if any(r["status"] in ("failed", "timeout") for r in records) else 0
+    return 1 if any(r["status"] in FAILED for r in records) else 0
 
 
 if __name__ == "__main__":

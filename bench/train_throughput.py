@@ -44,7 +44,17 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from common import SHAPES, Row, bench_config, live_tensor_gib, packed_row, sync
+from common import (
+    SHAPES,
+    UPSTREAM_ENV,
+    UPSTREAM_FILES,
+    Row,
+    bench_config,
+    live_tensor_gib,
+    missing_upstream_files,
+    packed_row,
+    sync,
+)
 from ouro_train.config import DeepSpeedConfig, LoraConfig, ObjectiveConfig, OptimConfig
 from ouro_train.model import OuroForCausalLM
 from ouro_train.model.flops import model_flops_utilization, training_flops_per_token
@@ -54,7 +64,6 @@ from ouro_train.train.lora import apply_lora
 from ouro_train.train.objectives import compute_objective
 
 VARIANTS = ("baseline", "ours", "ours_lora", "ours_sp")
-UPSTREAM_ENV = "OURO_UPSTREAM_CODE"
 # Memory an engine may leave behind after its row (allocator rounding, caches of a few kernels).
 RELEASE_SLACK_GIB = 0.05
 
@@ -101,7 +110,7 @@ def upstream_model_and_loss(row: Row, config, sp=None) -> tuple[torch.nn.Module,
     if row.checkpointing not in ("none", "layer"):
         raise ValueError(f"upstream code checkpoints per layer or not at all, not {row.checkpointing!r}")
     config_class, model_class = load_upstream(os.environ.get(UPSTREAM_ENV, ""))
-    upstream_config = config_class.from_dict(config.to_dict())
+    upstream_config = config_class(**config.to_dict())  # our JSON layout is upstream's
     upstream_config._attn_implementation = "sdpa"
     model = model_class(upstream_config)
     if row.checkpointing == "layer":
@@ -121,12 +130,12 @@ MODELS = {"ours": ours_model_and_loss, "baseline": baseline_model_and_loss, "ups
 def load_upstream(directory: str):
     """(config class, causal-LM class) of the upstream remote code in `directory` (its
     configuration_ouro.py and modeling_ouro.py, imported as one package so their relative imports
-    resolve): the config class whose model_type is `ouro`, and the model class built on it."""
+    resolve): the config class defined there whose model_type is `ouro`, and the causal-LM class
+    defined there on it."""
     path = Path(directory)
-    missing = [f for f in ("configuration_ouro.py", "modeling_ouro.py") if not (path / f).is_file()]
-    if not directory or missing:
+    if missing := missing_upstream_files(directory):
         raise FileNotFoundError(f"{UPSTREAM_ENV}={directory!r}: needs the upstream remote-code files "
-                                f"configuration_ouro.py and modeling_ouro.py (missing: {', '.join(missing)})")
+                                f"{' and '.join(UPSTREAM_FILES)} (missing: {', '.join(missing)})")
     package = "ouro_upstream_code"
     if package not in sys.modules:
         module = types.ModuleType(package)
@@ -134,9 +143,10 @@ def load_upstream(directory: str):
         sys.modules[package] = module
     configs = importlib.import_module(f"{package}.configuration_ouro")
     models = importlib.import_module(f"{package}.modeling_ouro")
-    config_class = next((c for c in vars(configs).values()
-                         if isinstance(c, type) and getattr(c, "model_type", None) == "ouro"), None)
-    model_class = next((c for name, c in vars(models).items() if isinstance(c, type) and name.endswith("ForCausalLM")
+    defined = lambda module: [c for c in vars(module).values()  # noqa: E731 (not what it imports)
+                              if isinstance(c, type) and c.__module__ == module.__name__]
+    config_class = next((c for c in defined(configs) if getattr(c, "model_type", None) == "ouro"), None)
+    model_class = next((c for c in defined(models) if c.__name__.endswith("ForCausalLM")
                         and getattr(c, "config_class", None) is config_class), None)
     if config_class is None or model_class is None:
         raise ImportError(f"{UPSTREAM_ENV}={directory}: no config class with model_type 'ouro' and causal-LM "
@@ -218,6 +228,8 @@ def run_row(row: Row, phase: Callable[[str], None] = lambda name: None, sp=None)
     # `del` alone frees nothing: DeepSpeed's engine and optimizer keep the parameters referenced.
     engine.destroy()
     del engine, optimizer, model, loss_fn, batch
+    if row.compile:  # compiled code may keep the layers' tensors referenced
+        torch._dynamo.reset()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     after = live_tensor_gib(device)

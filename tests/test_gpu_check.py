@@ -4,8 +4,10 @@ made to fail and one made to hang, the memory each row hands back, the dry run a
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -41,6 +43,10 @@ def gpu_check(*args, env=None, out=None):
 
 def test_the_dry_run_lists_the_rows_in_the_goals_order_and_runs_nothing(tmp_path):
     env = dict(os.environ, OURO_UPSTREAM_CODE=str(tmp_path / "upstream"))
+    proc = gpu_check("--dry-run", env=env, out=tmp_path / "out")
+    assert proc.returncode == 2 and "OURO_UPSTREAM_CODE=" in proc.stderr and "missing: configuration_ouro.py" \
+        in proc.stderr  # a wrong folder is said before anything runs
+    upstream_stand_in(tmp_path / "upstream")
     proc = gpu_check("--dry-run", env=env, out=tmp_path / "out")  # not taken for a wheel folder
     assert proc.returncode == 0, proc.stderr
     rows = [line.split()[0] for line in proc.stdout.splitlines()[1:]]
@@ -98,13 +104,44 @@ def test_a_spent_time_budget_writes_every_row_as_not_run(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "gpu_check.jsonl").read_text().splitlines()]
     assert len(rows) == 13 and {r["status"] for r in rows} == {"not run: time budget"}
     assert not (tmp_path / "rows").exists()
-    assert "13 not run (time budget 0 s)" in proc.stdout
+    assert "13 not run (time budget; deadline 0 s)" in proc.stdout
 
 
-def test_a_missing_pytest_report_is_a_failure_not_zero_tests(tmp_path):
+def test_a_stopped_check_kills_its_running_row_and_keeps_it(tmp_path):
+    """SIGTERM (a job's time limit) while a row runs: the row, in its own session, is killed and written
+    as interrupted, the later rows as not run, and the check fails."""
+    import psutil
+
+    driver = subprocess.Popen([sys.executable, "bench/gpu_check.py", "--out", str(tmp_path), "--cpu", "--rows",
+                               "ours-8k", "baseline-8k", "--inject", "hang:ours-8k"], cwd=REPO_ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "rows" / "ours-8k.log"
+    for _ in range(9000):  # hang guard: 1800 s
+        if log.exists() or driver.poll() is not None:
+            break
+        time.sleep(0.2)
+    time.sleep(2)  # the row's process is started and the check waits on it
+    row = [p for p in psutil.Process(driver.pid).children(recursive=True)]
+    driver.send_signal(signal.SIGTERM)
+    out, _ = driver.communicate(timeout=1800)
+    assert driver.returncode == 1, out
+    rows = [json.loads(line) for line in (tmp_path / "gpu_check.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in rows] == ["interrupted", "not run: interrupted"]
+    assert rows[0]["exit_status"] == -signal.SIGKILL
+    assert row and not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in row)
+    assert out.strip().splitlines()[-1] == "FAILED: 1 of 2 rows (ours-8k interrupted)"
+
+
+def test_a_missing_pytest_report_or_a_failed_test_is_an_error(tmp_path):
     from gpu_check import pytest_summary
 
-    assert pytest_summary(tmp_path / "none.xml") == {"status": "failed", "error": "pytest wrote no report"}
+    assert pytest_summary(tmp_path / "none.xml") == {"error": "pytest wrote no report"}
+    (tmp_path / "report.xml").write_text(
+        '<testsuites><testsuite tests="3" skipped="1"><testcase classname="test_cuda" name="test_a"/>'
+        '<testcase classname="test_cuda" name="test_b"><failure message="x"/></testcase>'
+        '<testcase classname="test_cuda" name="test_c"><skipped/></testcase></testsuite></testsuites>')
+    assert pytest_summary(tmp_path / "report.xml") == dict(tests=3, skipped=1, failed_tests=["test_cuda.test_b"],
+                                                          error="1 failed: test_cuda.test_b")
 
 
 def test_the_upstream_code_folder_must_hold_both_files(tmp_path):
