@@ -1,7 +1,8 @@
 """The DeepSpeed engine: its JSON config built from the recipe, the learning-rate schedule, and the
 process group.
 
-DeepSpeed owns the optimizer (FusedAdam on GPU, torch Adam on CPU, CPU Adam under offload), ZeRO
+DeepSpeed owns the optimizer (torch's AdamW through its `torch_adam` path: fused CUDA kernels on GPU,
+so no op is JIT-built and an image without nvcc trains; DeepSpeed's CPU Adam under offload), ZeRO
 partitioning, gradient clipping and accumulation, stepping the schedule, and checkpoints. The schedule
 itself is ours (a `LambdaLR` handed to DeepSpeed): DeepSpeed's `WarmupCosineLR` forces at least two
 warmup steps and runs the first update at `warmup_min_ratio · lr`, which is 0 for a plain warmup.
@@ -55,8 +56,7 @@ def build_ds_config(
                 "betas": list(optim.betas),
                 "eps": optim.eps,
                 "weight_decay": optim.weight_decay,
-                # FusedAdam needs CUDA; on CPU DeepSpeed's torch Adam path needs no build.
-                **({} if on_gpu or ds.offload_optimizer else {"torch_adam": True}),
+                **optimizer_implementation(ds, on_gpu),
             },
         },
         "checkpoint": {"load_universal": load_universal},
@@ -64,6 +64,15 @@ def build_ds_config(
         "wall_clock_breakdown": False,
     }
     return _merge(config, ds.extra)
+
+
+def optimizer_implementation(ds: DeepSpeedConfig, on_gpu: bool) -> dict:
+    """Which AdamW DeepSpeed builds: torch's (`torch_adam`), fused on GPU (one multi-tensor CUDA kernel
+    shipped with torch, where DeepSpeed's FusedAdam would be compiled at start-up with nvcc and ninja).
+    Under optimizer offload the states live on the CPU: DeepSpeed's CPU Adam."""
+    if ds.offload_optimizer:
+        return {}
+    return {"torch_adam": True, "fused": True} if on_gpu else {"torch_adam": True}
 
 
 def lr_lambda(optim: OptimConfig, total_steps: int):

@@ -70,16 +70,17 @@ def deepspeed_engine(model, stage: int):
     init_distributed()
     ds = build_ds_config(DeepSpeedConfig(zero_stage=stage, stage3_param_persistence_threshold=0), OptimConfig(lr=1e-3),
                          micro_batch=1, grad_accum=1, world_size=1)
-    assert ds["optimizer"]["type"] != "Adam" or not ds["optimizer"].get("params", {}).get("torch_adam")
     engine, optimizer, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.0), config=ds)
     return engine, optimizer
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_a_deepspeed_step_with_fused_adam_lowers_the_loss(stage):
+def test_a_deepspeed_step_with_torch_fused_adamw_lowers_the_loss(stage):
     torch.manual_seed(0)
     engine, optimizer = deepspeed_engine(OuroForCausalLM(tiny_config(vocab_size=512)).to(torch.bfloat16), stage)
-    assert "FusedAdam" in type(getattr(optimizer, "optimizer", optimizer)).__name__
+    basic = getattr(optimizer, "optimizer", optimizer)  # ZeRO wraps the optimizer DeepSpeed built
+    assert type(basic) is torch.optim.AdamW and basic.defaults["fused"]  # no JIT-built op: no nvcc needed
+    assert all(p.is_cuda for group in basic.param_groups for p in group["params"])
     batch = [t.to(CUDA) for t in packed_batch(128, 512, [64, 64])]
     losses = []
     for _ in range(4):
@@ -102,14 +103,16 @@ def test_early_exit_generation_gives_the_tokens_of_the_cpu():
 
 def test_metrics_record_mfu_and_peak_memory(tmp_path):
     import subprocess
+    import sys
 
     from conftest import REPO_ROOT
-    from train_helpers import ENV, train_command
 
-    env = dict(ENV, DS_ACCELERATOR="cuda")
-    proc = subprocess.run(train_command(f"output_dir={tmp_path}", f"data.cache_dir={tmp_path / 'cache'}", "max_steps=3",
-                                        "export_at_end=false", "wandb.mode=disabled"),
-                          env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    env = dict(os.environ, DS_ACCELERATOR="cuda", WANDB_MODE="disabled", HF_DATASETS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false")
+    # `python -m ouro_train.train`: the GPU box runs the repository from PYTHONPATH, without console scripts
+    command = [sys.executable, "-m", "ouro_train.train", "--config-name", "smoke", f"output_dir={tmp_path}",
+               f"data.cache_dir={tmp_path / 'cache'}", "max_steps=3", "export_at_end=false", "wandb.mode=disabled"]
+    proc = subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r.get("split", "train") == "train"]
