@@ -28,7 +28,7 @@ from ouro_train.run_dir import (
     module_states_file,
     universal_param_file,
 )
-from ouro_train.train.checkpoint_files import CheckpointFileError, damaged_file, weights_only_loads
+from ouro_train.checkpoint_files import CheckpointFileError, damaged_file, weights_only_loads
 
 
 class ExportError(ValueError):

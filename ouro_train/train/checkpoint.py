@@ -38,7 +38,7 @@ from ouro_train.run_dir import (
     trainer_state_file,
     universal_optimizer_file,
 )
-from ouro_train.train.checkpoint_files import CheckpointFileError, damaged_file, load as load_file, weights_only_loads
+from ouro_train.checkpoint_files import CheckpointFileError, damaged_file, load as load_file, weights_only_loads
 from ouro_train.train.state import PER_RANK, TrainState, reseed_rng
 
 GIB = 2**30

@@ -61,7 +61,7 @@ from ouro_train.model import OuroConfig, OuroForCausalLM
 from ouro_train.model.flops import model_flops_utilization, peak_bf16_flops
 from ouro_train.model.loss import IGNORE_INDEX, evaluate_loss_per_step
 from ouro_train.run_dir import RunDir
-from ouro_train.train import checkpoint, memory, run_lock
+from ouro_train.train import checkpoint, jit_ops, memory, run_lock
 from ouro_train.train.batch import batch_geometry, total_steps
 from ouro_train.train.engine import (
     bf16_enabled,
@@ -223,6 +223,8 @@ class Trainer:
         optim, ratio = self.cfg.optim, self.cfg.lora.loraplus_lr_ratio
         groups = (param_groups(model, optim.weight_decay) if ratio is None
                   else loraplus_param_groups(model, optim.weight_decay, optim.lr, ratio))
+        # Before the engine, one process at a time, past a stale build lock (see train/jit_ops.py).
+        jit_ops.build_needed_ops(self._ds_config, on_gpu=self.device.type == "cuda", log=self._log)
         engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=groups, config=self._ds_config,
             lr_scheduler=scheduler_factory(self.cfg.optim, self.total_steps),

@@ -33,7 +33,7 @@ from ouro_train.run_dir import (
     universal_tmp_dir,
     zero3_module_states_file,
 )
-from ouro_train.train.checkpoint_files import load, weights_only_loads
+from ouro_train.checkpoint_files import load, weights_only_loads
 
 _OPTIM_STATE_DICT = "optimizer_state_dict"  # ZeRO-3's optimizer state inside optimizer_state.pt
 
