@@ -2,8 +2,12 @@
 
 A checkpoint is DeepSpeed's `engine.save_checkpoint` plus the `TrainState`: its per-rank part (loader
 position, RNG) in one file per rank, its global part with the run's metadata in `trainer_state.json`.
-The `COMPLETE` marker is written last, after every rank has finished: a directory without it (a crash or
-a kill mid-write) is never a resume point, and is deleted when that step is saved again.
+The `COMPLETE` marker is written last, after every rank has finished and every file and directory is
+fsynced: a directory without it (a crash or a kill mid-write) is never a resume point, and is deleted
+when that step is saved again. A save first checks the free space against the last checkpoint's size,
+and a full disk (then or during the write) stops the run saying so. A complete checkpoint with a damaged
+file is passed over by `resume=auto` (named, with a warning) and refused by `resume=PATH`; every file is
+read weights-only (`ouro_train.checkpoint_files`).
 
 Resuming on another topology (number of processes, ZeRO stage 1, 2 or 3, offload) loads the
 checkpoint's universal copy (`train/universal.py`), made once, with DeepSpeed's universal loader;
@@ -168,9 +172,13 @@ def check_free_space(directory: Path, needed: int) -> None:
 
 
 def _no_space(directory: Path, needed: int, free: int | None = None) -> str:
-    have = f", {free / GIB:.2f} GiB free" if free is not None else ""
-    return (f"no space left on {directory}: needs ~{needed / GIB:.2f} GiB{have}; the previous checkpoints are "
-            "left as they were")
+    have = f", {_size(free)} free" if free is not None else ""
+    return (f"no space left on {directory}: needs ~{_size(needed)} for the next checkpoint{have}; the previous "
+            "checkpoints are left as they were")
+
+
+def _size(n: int) -> str:
+    return f"{n / GIB:.1f} GiB" if n >= GIB // 10 else f"{n / 2**20:.1f} MiB"
 
 
 def _fsync(path: Path) -> None:
