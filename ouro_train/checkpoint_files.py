@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import pickle
 import zipfile
 from pathlib import Path
@@ -125,3 +126,20 @@ def _zip_problem(path: Path) -> str | None:
     except (zipfile.BadZipFile, OSError) as e:
         return str(e)
     return None
+
+
+def fsync(path: Path) -> None:
+    """`path` (a file, or a directory: its entries) on disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: Path) -> None:
+    """Every file under `path` and the directories holding them: on disk before a COMPLETE marker says so."""
+    for root, _, files in os.walk(path):
+        for name in files:
+            fsync(Path(root, name))
+        fsync(Path(root))

@@ -18,6 +18,7 @@ import torch
 from peft import LoraConfig
 from transformers import AutoTokenizer
 
+from ouro_train.checkpoint_files import CheckpointFileError, damaged_file, weights_only_loads
 from ouro_train.model import OuroConfig
 from ouro_train.run_dir import (
     COMPLETE,
@@ -28,7 +29,6 @@ from ouro_train.run_dir import (
     module_states_file,
     universal_param_file,
 )
-from ouro_train.checkpoint_files import CheckpointFileError, damaged_file, weights_only_loads
 
 
 class ExportError(ValueError):

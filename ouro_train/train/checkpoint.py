@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ouro_train.checkpoint_files import (
+    CheckpointFileError,
+    damaged_file,
+    fsync,
+    fsync_tree,
+    load as load_file,
+    weights_only_loads,
+)
 from ouro_train.config import DeepSpeedConfig
 from ouro_train.run_dir import (
     COMPLETE,
@@ -42,7 +49,6 @@ from ouro_train.run_dir import (
     trainer_state_file,
     universal_optimizer_file,
 )
-from ouro_train.checkpoint_files import CheckpointFileError, damaged_file, load as load_file, weights_only_loads
 from ouro_train.train.state import PER_RANK, TrainState, reseed_rng
 
 GIB = 2**30
@@ -181,22 +187,6 @@ def _size(n: int) -> str:
     return f"{n / GIB:.1f} GiB" if n >= GIB // 10 else f"{n / 2**20:.1f} MiB"
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(path: Path) -> None:
-    """Every file under `path` and the directories holding them, so that they are on disk before COMPLETE."""
-    for root, _, files in os.walk(path):
-        for name in files:
-            _fsync(Path(root, name))
-        _fsync(Path(root))
-
-
 def save(engine, run_dir: RunDir, state: TrainState, metadata: dict, keep_last: int) -> Path:
     """Collective: every rank calls it. `metadata` (world size, config, ...) goes to trainer_state.json."""
     path = run_dir.checkpoint(state.step)
@@ -214,15 +204,15 @@ def save(engine, run_dir: RunDir, state: TrainState, metadata: dict, keep_last: 
         if getattr(e, "errno", None) == errno.ENOSPC or shutil.disk_usage(run_dir.checkpoints_dir).free < 2**20:
             raise NoSpaceForCheckpoint(_no_space(run_dir.checkpoints_dir, needed)) from e
         raise
-    _fsync_tree(path)  # each rank its own writes (on a shared file system, another node's too: harmless)
+    fsync_tree(path)  # each rank its own writes (on a shared file system, another node's too: harmless)
     dist.barrier()
     if rank == 0:
         shared = {k: v for k, v in everything.items() if k not in PER_RANK}
         trainer_state_file(path).write_text(json.dumps({**shared, **metadata}, indent=2))
-        _fsync(trainer_state_file(path))
+        fsync(trainer_state_file(path))
         (path / COMPLETE).touch()
-        _fsync(path)
-        _fsync(run_dir.checkpoints_dir)  # the step directory's own entry
+        fsync(path)
+        fsync(run_dir.checkpoints_dir)  # the step directory's own entry
         for old in run_dir.complete_checkpoints()[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old)
     dist.barrier()

@@ -54,11 +54,12 @@ def build_needed_ops(ds_config: dict, on_gpu: bool, log: Callable[[str], None] =
     """Build (or load the built) ops `ds_config` needs, each under `build_guard`: DeepSpeed then finds
     them loaded."""
     from deepspeed.accelerator import get_accelerator
+    from deepspeed.git_version_info import installed_ops
 
     for name in needed_ops(ds_config, on_gpu):
         builder = get_accelerator().create_op_builder(name)
-        if builder is None:
-            continue
+        if builder is None or installed_ops.get(builder.name, False):
+            continue  # compiled when DeepSpeed was installed (DS_BUILD_...=1): nothing is built
         with build_guard(builder.name, log):
             builder.load(verbose=False)
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ouro_train.checkpoint_files import fsync, fsync_tree, load, weights_only_loads
 from ouro_train.run_dir import (
     COMPLETE,
     is_complete,
@@ -33,7 +34,6 @@ from ouro_train.run_dir import (
     universal_tmp_dir,
     zero3_module_states_file,
 )
-from ouro_train.checkpoint_files import load, weights_only_loads
 
 _OPTIM_STATE_DICT = "optimizer_state_dict"  # ZeRO-3's optimizer state inside optimizer_state.pt
 
@@ -65,8 +65,11 @@ def convert(checkpoint: Path) -> Path:
     ))
     latest_universal_file(tmp).unlink(missing_ok=True)  # resume names the directory itself
     _loadable_under_every_stage(tmp)
+    fsync_tree(tmp)
     (tmp / COMPLETE).touch()
+    fsync(tmp)
     os.replace(tmp, target)
+    fsync(checkpoint)
     return target
 
 
