@@ -171,7 +171,8 @@ def check_free_space(directory: Path, needed: int) -> None:
     """Collective: every rank sees enough free space under `directory` for `needed` bytes, or all raise."""
     directory.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(directory).free
-    short = torch.tensor([free < needed], dtype=torch.int32)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    short = torch.tensor([free < needed], dtype=torch.int32, device=device)  # NCCL reduces GPU tensors only
     dist.all_reduce(short, op=dist.ReduceOp.MAX)
     if short.item():
         raise NoSpaceForCheckpoint(_no_space(directory, needed, free))
