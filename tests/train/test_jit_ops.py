@@ -35,7 +35,7 @@ def extensions(tmp_path, monkeypatch):
 
 def test_the_shared_memory_collectives_op_is_not_built(extensions):
     code = ("from ouro_train.train.engine import init_distributed; init_distributed(); "
-            "import deepspeed.comm as c; print('op:', c.cdb.shm_comm_op)")
+            "from deepspeed.comm import comm; print('op:', comm.cdb.shm_comm_op)")
     proc = subprocess.run([sys.executable, "-c", code], env={**ENV, "TORCH_EXTENSIONS_DIR": str(extensions)},
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=HANG_GUARD)
     assert proc.returncode == 0, proc.stderr[-3000:]
