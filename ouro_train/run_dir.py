@@ -17,6 +17,8 @@ that knows DeepSpeed's own checkpoint file names.
     output_dir/metrics.jsonl               one JSON object per optimizer step or evaluation
     output_dir/export/                     the inference export made after the last step
     output_dir/.hydra/                     Hydra's record of the recipe and the command-line overrides
+    output_dir/run.lock                    flock'ed by rank 0 for as long as a run lives: one run per
+                                           output_dir; it names the holder's host and pid
 
 The trainer writes through it, resume and `ouro-export` read through it.
 """
@@ -27,6 +29,7 @@ import re
 from pathlib import Path
 
 COMPLETE = "COMPLETE"
+RUN_LOCK = "run.lock"
 TRAINER_STATE = "trainer_state.json"
 BASE_MODEL_FILE = "base_model.json"
 DATA_MANIFEST_FILE = "data_manifest.json"  # the training split's manifest, for the export's model card
@@ -150,6 +153,10 @@ class RunDir:
     @property
     def data_manifest_file(self) -> Path:
         return self.model_dir / DATA_MANIFEST_FILE
+
+    @property
+    def lock_file(self) -> Path:
+        return self.root / RUN_LOCK
 
     @property
     def hydra_dir(self) -> Path:

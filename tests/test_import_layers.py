@@ -1,5 +1,5 @@
-"""The package's imports run one way: config and run_dir at the bottom, then model <- data <- train <-
-(export, eval, generation) <- cli, and nothing but the CLI uses `train/` (the trainer orchestrates; the
+"""The package's imports run one way: config, run_dir and checkpoint_files at the bottom, then model <- data
+<- train <- (export, eval, generation) <- cli, and nothing but the CLI uses `train/` (the trainer orchestrates; the
 layers above it read runs through run_dir). Read from the source, so a new import that runs back up
 fails here."""
 
@@ -7,8 +7,8 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "ouro_train"
-LAYERS = {"config": 0, "run_dir": 0, "model": 1, "data": 2, "train": 3, "export": 4, "eval": 4, "generation": 4,
-          "demo": 4, "cli": 5}
+LAYERS = {"config": 0, "run_dir": 0, "checkpoint_files": 0, "model": 1, "data": 2, "train": 3, "export": 4, "eval": 4,
+          "generation": 4, "demo": 4, "cli": 5}
 ALLOWED_UPWARD = {("train/__main__.py", "cli")}  # `python -m ouro_train.train` is the CLI's shim
 
 

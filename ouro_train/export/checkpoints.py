@@ -18,6 +18,7 @@ import torch
 from peft import LoraConfig
 from transformers import AutoTokenizer
 
+from ouro_train.checkpoint_files import CheckpointFileError, damaged_file, weights_only_loads
 from ouro_train.model import OuroConfig
 from ouro_train.run_dir import (
     COMPLETE,
@@ -85,15 +86,27 @@ def check_complete(checkpoint_dir: Path) -> None:
         raise ExportError(f"checkpoint {checkpoint_dir} does not exist")
     if not is_complete(checkpoint_dir):
         raise ExportError(f"checkpoint {checkpoint_dir} has no {COMPLETE} marker: its save did not finish")
+    problem = damaged_file(checkpoint_dir)
+    if problem:
+        raise ExportError(f"checkpoint {checkpoint_dir}: {problem}")
 
 
 def consolidated_state_dict(checkpoint_dir: Path, expected_keys: Iterable[str]) -> dict[str, torch.Tensor]:
     """The full state dict of the engine's module at `checkpoint_dir`, fp32 master weights where the
-    optimizer holds them. `expected_keys` are the module's state-dict keys."""
+    optimizer holds them. `expected_keys` are the module's state-dict keys. Every file is read
+    weights-only (DeepSpeed's consolidation included): one that holds more is refused, named."""
+    try:
+        with weights_only_loads():
+            return _consolidated_state_dict(checkpoint_dir, expected_keys)
+    except CheckpointFileError as e:
+        raise ExportError(str(e)) from None
+
+
+def _consolidated_state_dict(checkpoint_dir: Path, expected_keys: Iterable[str]) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     if is_universal(checkpoint_dir):
         files = {k: universal_param_file(checkpoint_dir, k) for k in expected_keys}
-        state = {k: torch.load(f, map_location="cpu", weights_only=False)["param"] for k, f in files.items() if f.is_file()}
+        state = {k: torch.load(f, map_location="cpu", weights_only=True)["param"] for k, f in files.items() if f.is_file()}
     elif has_zero_shards(checkpoint_dir):  # a ZeRO checkpoint (stage >= 1)
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -103,7 +116,7 @@ def consolidated_state_dict(checkpoint_dir: Path, expected_keys: Iterable[str]) 
         module_file = module_states_file(checkpoint_dir)
         module = {}
         if module_file.is_file():
-            module = torch.load(module_file, map_location="cpu", weights_only=False)["module"]
+            module = torch.load(module_file, map_location="cpu", weights_only=True)["module"]
         absent = [k for k in missing if k not in module or module[k].numel() == 0]
         if absent:
             raise ExportError(

@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from ouro_train.config import ConfigError, DeepSpeedConfig, OptimConfig
 from ouro_train.model.sequence_parallel import SequenceParallel
+from ouro_train.train.jit_ops import skip_shm_comm_op
 
 
 def bf16_enabled(cfg: DeepSpeedConfig) -> bool:
@@ -159,6 +160,7 @@ def init_distributed() -> tuple[int, int, int]:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     if not dist.is_initialized():
+        skip_shm_comm_op()  # a JIT-built op training never uses (see train/jit_ops.py)
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():

@@ -61,7 +61,7 @@ from ouro_train.model import OuroConfig, OuroForCausalLM
 from ouro_train.model.flops import model_flops_utilization, peak_bf16_flops
 from ouro_train.model.loss import IGNORE_INDEX, evaluate_loss_per_step
 from ouro_train.run_dir import RunDir
-from ouro_train.train import checkpoint, memory
+from ouro_train.train import checkpoint, jit_ops, memory, run_lock
 from ouro_train.train.batch import batch_geometry, total_steps
 from ouro_train.train.engine import (
     bf16_enabled,
@@ -93,6 +93,7 @@ class Trainer:
         self.rank, self.local_rank, self.world = init_distributed()
         self.is_main = self.rank == 0
         self.run_dir = RunDir(cfg.output_dir)
+        run_lock.hold_for_run(self.run_dir.root)  # one run per output_dir, before anything in it is touched
         self.device = torch.device("cuda", self.local_rank) if torch.cuda.is_available() else torch.device("cpu")
         # What the config alone could not tell is checked before data or weights are touched.
         self._check_model_path()
@@ -105,7 +106,7 @@ class Trainer:
         self.geometry = batch_geometry(cfg.train, cfg.data.max_seq_len, self.dp_world)
         self.grad_accum = self.geometry.grad_accum
         self.topology = checkpoint.Topology.of(self.world, cfg.deepspeed)
-        self.resume_from = checkpoint.resolve_resume(cfg.resume, self.run_dir)
+        self.resume_from = checkpoint.resolve_resume(cfg.resume, self.run_dir, log=self._log)
         random_frozen_base = cfg.model.init == ModelInit.random and (
             cfg.lora.enabled or cfg.objective.name == Objective.gate)
         self._universal = self.resume_from is not None and checkpoint.needs_universal(
@@ -224,6 +225,8 @@ class Trainer:
         optim, ratio = self.cfg.optim, self.cfg.lora.loraplus_lr_ratio
         groups = (param_groups(model, optim.weight_decay) if ratio is None
                   else loraplus_param_groups(model, optim.weight_decay, optim.lr, ratio))
+        # Before the engine, one process at a time, past a stale build lock (see train/jit_ops.py).
+        jit_ops.build_needed_ops(self._ds_config, on_gpu=self.device.type == "cuda", log=self._log)
         engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=groups, config=self._ds_config,
             lr_scheduler=scheduler_factory(self.cfg.optim, self.total_steps),

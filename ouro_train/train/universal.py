@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ouro_train.checkpoint_files import fsync, fsync_tree, load, weights_only_loads
 from ouro_train.run_dir import (
     COMPLETE,
     is_complete,
@@ -42,7 +43,8 @@ def ensure_universal(checkpoint: Path, log=print) -> Path:
     target = universal_dir(checkpoint)
     if dist.get_rank() == 0 and not is_complete(target):
         start = time.perf_counter()
-        convert(checkpoint)
+        with weights_only_loads():  # DeepSpeed's converter reads every shard
+            convert(checkpoint)
         log(f"converted {checkpoint} to DeepSpeed's universal format in {time.perf_counter() - start:.1f} s "
             f"({disk_size(target) / 2**20:.1f} MiB in {target})")
     dist.barrier()
@@ -63,8 +65,11 @@ def convert(checkpoint: Path) -> Path:
     ))
     latest_universal_file(tmp).unlink(missing_ok=True)  # resume names the directory itself
     _loadable_under_every_stage(tmp)
+    fsync_tree(tmp)
     (tmp / COMPLETE).touch()
+    fsync(tmp)
     os.replace(tmp, target)
+    fsync(checkpoint)
     return target
 
 
@@ -73,22 +78,22 @@ def _loadable_under_every_stage(out: Path) -> None:
     each stage's loader reads only its own. Give `out` both: per-parameter files as {"param": tensor of
     the parameter's shape} with a step.pt beside them; optimizer_state.pt with the stage-1/2 keys and the
     stage-3 `optimizer_state_dict` (its Adam step only); the module states file under both names."""
-    optim = torch.load(universal_optimizer_file(out), weights_only=False)
+    optim = load(universal_optimizer_file(out))
     inner = optim.get(_OPTIM_STATE_DICT)
     stage12, stage3 = module_states_file(out), zero3_module_states_file(out)
     if inner is not None:  # from ZeRO-3: flat tensors, the step only in rank 0's optimizer state
-        module_states = torch.load(stage3, weights_only=False)
+        module_states = load(stage3)
         step = inner["state"][0]["step"]
         for name, shape in ((k, v) for group in module_states["param_shapes"] for k, v in group.items()):
             for state in (universal_params_dir(out) / name).glob("*.pt"):
-                torch.save({"param": torch.load(state, weights_only=False).view(shape)}, state)
+                torch.save({"param": load(state).view(shape)}, state)
             torch.save(step.clone() if torch.is_tensor(step) else step, universal_step_file(out, name))
         optim.pop("fp32_flat_groups", None)  # rank 0's partition, in the per-parameter files already
         optim.setdefault("ds_version", module_states["ds_version"])
         _same_file_under_another_name(stage3, stage12)
     else:  # from ZeRO-1/2: every trained parameter has its step.pt
         steps = (universal_step_file(out, p.name) for p in universal_params_dir(out).iterdir())
-        step = torch.load(next(f for f in steps if f.is_file()), weights_only=False)
+        step = load(next(f for f in steps if f.is_file()))
         _same_file_under_another_name(stage12, stage3)
     optim[_OPTIM_STATE_DICT] = {"state": {0: {"step": step}}, "param_groups": optim["param_groups"]}
     torch.save(optim, universal_optimizer_file(out))
