@@ -10,7 +10,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-from conftest import REPO_ROOT, tiny_config
+from conftest import HANG_GUARD_S, REPO_ROOT, tiny_config
 from ouro_train.config import RunConfig, to_object
 from ouro_train.train.engine import free_port
 
@@ -35,7 +35,7 @@ def train_command(*overrides: str, recipe: str = "smoke", nproc: int = 1, launch
             "-m", "ouro_train.train", *args]
 
 
-def run_train(*overrides: str, timeout: int = 300, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+def run_train(*overrides: str, timeout: int = HANG_GUARD_S, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
     proc = subprocess.run(train_command(*overrides, **kwargs), env=ENV, capture_output=True, text=True,
                           timeout=timeout, cwd=REPO_ROOT)
     if check and proc.returncode != 0:
