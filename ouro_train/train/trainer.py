@@ -121,8 +121,7 @@ class Trainer:
         loader = MicroBatchLoader(self.train_data, cfg.train.micro_batch_size, rank=self.dp_rank,
                                   world_size=self.dp_world, seed=cfg.data.seed,
                                   pad_to_multiple_of=math.lcm(8, sp))
-        self.total_steps = total_steps(cfg.max_steps, cfg.train.epochs,
-                                       self.geometry.steps_per_epoch(len(self.train_data)))
+        self.total_steps = total_steps(cfg.max_steps, cfg.train.epochs, self.geometry, len(self.train_data))
 
         model = self._build_model()
         self.engine = self._build_engine(model)

@@ -51,9 +51,9 @@ def test_unknown_or_mistyped_keys_fail(override, message):
 
 
 def test_keys_added_with_plus_are_refused_too():
-    with pytest.raises(ValueError, match="unknown config key data.foo"):
+    with pytest.raises(ValueError, match="data.foo: unknown config key"):
         load(overrides=["+data.foo=1"])
-    with pytest.raises(ValueError, match=r"unknown config key data.sources.0.colour"):
+    with pytest.raises(ValueError, match=r"data.sources.0.colour: unknown config key"):
         load(overrides=["+data.sources.0.colour=red"])
 
 

@@ -65,6 +65,7 @@ def tiny_base_model(tmp_path: Path):
     tokenizer = project_tokenizer(str(cache))
     base = tmp_path / "base"
     torch.manual_seed(0)
-    OuroForCausalLM(tiny_config(vocab_size=len(tokenizer), pad_token_id=0, bos_token_id=0)).save_pretrained(base)
+    OuroForCausalLM(tiny_config(vocab_size=len(tokenizer), pad_token_id=0, bos_token_id=0,
+                                max_position_embeddings=512)).save_pretrained(base)
     tokenizer.save_pretrained(base)
     return base, cache, tokenizer
