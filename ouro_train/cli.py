@@ -136,6 +136,9 @@ def preflight(prog: str, argv: list[str]) -> None:
         fail(f"no recipe: {prog} --config-name RECIPE, one of "
              f"{', '.join(name for name, _ in recipes(directory)) or '(none found in ' + str(directory) + ')'} "
              f"({prog} --help for the common overrides)", 2)
+    names = [name for name, _ in recipes(directory)]
+    if names and args.config_name.removesuffix(".yaml") not in names:
+        fail(f"no recipe {args.config_name!r} in {directory}: one of {', '.join(names)}", 2)
     overrides = [o for o in args.overrides if not o.lstrip("+~").startswith("hydra")]
     try:
         with initialize_config_dir(config_dir=directory, version_base="1.3"):
