@@ -188,3 +188,14 @@ def test_the_dry_run_counts_local_files_and_then_the_prepared_data(tmp_path, mon
     assert (after["examples_per_epoch"], after["tokens_per_epoch"], after["packed_rows_per_epoch"]) == \
         (manifest["num_documents"], manifest["num_tokens"], manifest["num_rows"])
     assert after["tokens_basis"].startswith("the prepared data in ")
+
+
+def test_the_plans_longest_max_seq_len_stays_within_the_models_positions(data_cache):
+    """The smoke model has 512 positions; 80 GiB would hold far longer rows of it."""
+    from ouro_train.train.plan import compute_plan, format_memory
+
+    run = compose("plan.gpus=1", "plan.tok_per_s_per_gpu=1000", f"data.cache_dir={data_cache}", recipe="smoke")
+    memory = compute_plan(run)["memory"]
+    assert memory["longest_max_seq_len"] == 512 and memory["longest_is_position_limit"]
+    assert format_memory(memory, 1).endswith("longest max_seq_len on 80 GiB: 512   (the model's "
+                                              "max_position_embeddings; the memory holds more)")

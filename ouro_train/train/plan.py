@@ -92,12 +92,14 @@ def _count_local_data(cfg: RunConfig):
 def memory_plan(cfg: RunConfig, config, checkpointing: str) -> dict:
     estimate = memory.step_memory(config, memory.step_shape(cfg, checkpointing), cfg.deepspeed, cfg.plan.gpus)
     longest = memory.longest_seq_len(config, cfg, checkpointing, cfg.plan.gpus, cfg.plan.gpu_memory_gib, estimate)
+    positions = config.max_position_embeddings  # no longer rows than the model has positions, whatever fits
     return {
         "peak_gib": estimate["peak"] / memory.GIB,
         "components": {k: v / memory.GIB for k, v in estimate.items() if k != "peak"},
         "fits": {card: memory.fits(estimate["peak"], gib) for card, gib in memory.CARDS_GIB.items()},
         "gpu_memory_gib": cfg.plan.gpu_memory_gib,
-        "longest_max_seq_len": longest,
+        "longest_max_seq_len": min(longest, positions),
+        "longest_is_position_limit": longest > positions,
     }
 
 
@@ -182,5 +184,7 @@ def format_memory(m: dict, gpus: int) -> str:
     lines += [f"  {name:<20}{gib:>8.2f}" for name, gib in m["components"].items()]
     lines.append(f"  {'peak':<20}{m['peak_gib']:>8.2f}   (+{memory.CONTEXT_RESERVE_GIB} GiB CUDA context, not in the peak)")
     lines.append("fits on " + "   ".join(f"{card}: {'yes' if ok else 'no'}" for card, ok in m["fits"].items()))
-    lines.append(f"longest max_seq_len on {m['gpu_memory_gib']:g} GiB: {m['longest_max_seq_len']:,}")
+    lines.append(f"longest max_seq_len on {m['gpu_memory_gib']:g} GiB: {m['longest_max_seq_len']:,}"
+                 + ("   (the model's max_position_embeddings; the memory holds more)"
+                    if m.get("longest_is_position_limit") else ""))
     return "\n".join(lines)
