@@ -130,8 +130,9 @@ def preflight(prog: str, argv: list[str]) -> None:
     if args.help:
         print(usage(prog, directory))
         sys.exit(0)
-    if args.hydra_help or args.cfg or args.info or args.multirun or args.shell_completion or args.config_dir:
-        return  # Hydra's own pages and modes
+    if (args.hydra_help or args.cfg or args.info or args.multirun or args.shell_completion or args.config_dir
+            or directory is None):
+        return  # Hydra's own pages and modes (and no recipe directory to read)
     if not args.config_name:
         fail(f"no recipe: {prog} --config-name RECIPE, one of "
              f"{', '.join(name for name, _ in recipes(directory)) or '(none found in ' + str(directory) + ')'} "

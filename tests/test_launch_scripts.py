@@ -80,3 +80,18 @@ def test_the_thinking_recipes_checkpoint_comment_states_the_plans_time_per_step(
     assert (steps, gpus) == (run.checkpoint.every_n_steps, run.plan.gpus)
     assert per_step == round(seconds_per_step)
     assert hours == round(steps * seconds_per_step / 3600)
+
+
+def test_every_subprocess_timeout_in_the_tests_is_a_hang_guard():
+    """A busy 2-core CI machine may run many times slower than a quiet one: a timeout guards against a
+    hang (>= 30 minutes), it never asserts speed."""
+    from conftest import HANG_GUARD_S
+
+    assert HANG_GUARD_S >= 1800
+    short = []
+    for path in sorted((REPO_ROOT / "tests").rglob("*.py")):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            for match in re.finditer(r"(?:timeout\s*=\s*|time\.(?:time|monotonic)\(\)\s*\+\s*)(\d+)", line):
+                if int(match.group(1)) < 1800:
+                    short.append(f"{path.relative_to(REPO_ROOT)}:{number}: {line.strip()}")
+    assert not short, "\n".join(short)
