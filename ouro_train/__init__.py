@@ -30,18 +30,23 @@ def _register() -> None:
 
 
 class _RegisterAfterTransformers(importlib.abc.MetaPathFinder):
-    """Finds nothing itself: when `transformers` is imported, it lets the other finders find it and
-    runs `_register` once its package has executed. Removes itself on first use."""
+    """Finds nothing itself: it asks the other finders for `transformers` and has the loader they give run
+    `_register` once the package has executed. A spec that is only looked at (libraries probe with
+    `importlib.util.find_spec`) is never executed; the hook leaves once one is."""
 
     def find_spec(self, fullname, path=None, target=None):
         if fullname != "transformers":
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(fullname)
+        for finder in sys.meta_path:
+            spec = None if finder is self else getattr(finder, "find_spec", lambda *a: None)(fullname, path, target)
+            if spec is not None:
+                break
         if spec is not None and spec.loader is not None:
             execute = spec.loader.exec_module
 
             def exec_module(module):
+                if self in sys.meta_path:
+                    sys.meta_path.remove(self)
                 execute(module)
                 _register()
 

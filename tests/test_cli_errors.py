@@ -77,8 +77,10 @@ def test_an_unwritable_output_dir_is_named(tmp_path):
 
 
 def test_import_ouro_train_still_registers_the_auto_classes(tmp_path):
-    """`import ouro_train` before transformers (registered the moment transformers is imported) and after it."""
-    for order in ("import ouro_train, transformers", "import transformers, ouro_train"):
+    """`import ouro_train` before transformers (registered the moment transformers is imported, also after
+    a library probed for it with find_spec) and after it."""
+    probe = "import ouro_train, importlib.util; assert importlib.util.find_spec('transformers'); import transformers"
+    for order in ("import ouro_train, transformers", "import transformers, ouro_train", probe):
         code = (f"{order}\n"
                 "from transformers import AutoConfig, AutoModelForCausalLM\n"
                 f"from conftest import tiny_config\n"
