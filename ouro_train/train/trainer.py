@@ -7,9 +7,9 @@ file system is checked here before the model is built):
   process group -> batch geometry -> tokenizer -> data (rank 0 prepares the cache, the others reuse it)
   -> model (pretrained or random; activation checkpointing) -> LoRA / gate freezing -> DeepSpeed engine
   -> `output_dir/model/` (config, tokenizer, adapter config) -> resume from the newest complete checkpoint
-  (its settings first compared with this run's, before the model is built: `train/resume_check.py`)
   (written on another number of processes or ZeRO stage: through its universal copy, `train/universal.py`;
-  whether it is needed is known before the engine is built, since DeepSpeed's config says so).
+  whether it is needed is known before the engine is built, since DeepSpeed's config says so). Its settings
+  are compared with this run's once the data is prepared, before the model is built (`train/resume_check.py`).
 
 One optimizer step:
   take `grad_accum` micro-batches; all-reduce their supervised-token count N over the ranks; for each
