@@ -22,6 +22,7 @@ committed sample files without depending on the current directory.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -469,6 +470,9 @@ class RunConfig:
     output_dir: str = "outputs/run"
     max_steps: Optional[int] = None  # optimizer steps; None: train.epochs over the data
     resume: str = "auto"  # auto (newest complete checkpoint in output_dir) | none | a checkpoint directory
+    # Settings (dotted keys or whole sections, e.g. [optim.lr, data]) a resume may change although they
+    # define the trajectory; the change and its step are recorded in trainer_state.json and the model card.
+    resume_allow_changes: List[str] = field(default_factory=list)
     export_at_end: bool = True  # an inference export in output_dir/export after the last step
     export: ExportConfig = field(default_factory=ExportConfig)
     dry_run: bool = False  # print the compute plan and exit
@@ -513,7 +517,33 @@ def to_object(cfg: Any) -> RunConfig:
     run = OmegaConf.to_object(cfg)
     _reject_unknown_keys(run, "")
     _check(run, "")
+    _check_against_model_config(run)
     return run
+
+
+def _check_against_model_config(run: RunConfig) -> None:
+    """What `model.path`'s config.json (a local checkpoint) says against the run: a depth override keeps
+    `layer_types` one entry per layer (extended or cut when the checkpoint's layers are all of one kind,
+    as Ouro's are; refused otherwise), and `data.max_seq_len` must fit the model's positions."""
+    overrides = run.model.config_overrides
+    file = Path(run.model.path, "config.json") if run.model.path else None
+    base = json.loads(file.read_text()) if file is not None and file.is_file() else {}
+    layers = overrides.get("num_hidden_layers")
+    types = base.get("layer_types")
+    if layers is not None and "layer_types" not in overrides and types and len(types) != layers:
+        _require(isinstance(layers, int) and layers >= 1, "model.config_overrides.num_hidden_layers",
+                 f"must be an integer >= 1, got {layers!r}")
+        _require(len(set(types)) == 1, "model.config_overrides.num_hidden_layers",
+                 f"{layers} layers, but {file} lists {len(types)} layer_types of several kinds; set "
+                 f"model.config_overrides.layer_types to a list of {layers} entries too")
+        overrides["layer_types"] = [types[0]] * layers
+    positions = overrides.get("max_position_embeddings", base.get("max_position_embeddings"))
+    where = ("model.config_overrides.max_position_embeddings" if "max_position_embeddings" in overrides
+             else f"{file}")
+    _require(positions is None or run.data.max_seq_len <= positions, "data.max_seq_len",
+             f"{run.data.max_seq_len} exceeds the model's max_position_embeddings {positions} ({where}); lower "
+             "data.max_seq_len, or raise model.config_overrides.max_position_embeddings if the model should "
+             "go beyond the positions it was trained on")
 
 
 def _check(node: Any, path: str) -> None:
@@ -532,7 +562,8 @@ def _reject_unknown_keys(node: Any, path: str) -> None:
         known = {f.name for f in dataclasses.fields(node)}
         unknown = sorted(set(vars(node)) - known)
         if unknown:
-            raise ValueError(f"unknown config key {path}{unknown[0]} (not a field of {type(node).__name__})")
+            raise ConfigError(f"{path}{unknown[0]}: unknown config key (not a field of {type(node).__name__}; "
+                              f"its fields: {', '.join(sorted(known))})")
         for name in known:
             _reject_unknown_keys(getattr(node, name), f"{path}{name}.")
     elif isinstance(node, list):

@@ -20,6 +20,9 @@ if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = REPO_ROOT.parent / "shared"
+# Every subprocess a test starts is bounded by this: a guard against a hang, never a speed limit (a busy
+# 2-core CI machine may take many times a quiet one's time).
+HANG_GUARD_S = 1800
 
 
 @pytest.fixture(scope="module")

@@ -101,6 +101,16 @@ class PreparedData:
         return ids, sup, (ends - starts).astype(np.int64)
 
 
+def content_sha256(directory: Path) -> str:
+    """SHA-256 of a cache directory's arrays: the rows' tokens, supervision and packing, whatever the key."""
+    digest = hashlib.sha256()
+    for name in ARRAYS:
+        with open(Path(directory) / f"{name}.npy", "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
 def new_array(directory: Path, name: str, dtype, length: int) -> np.ndarray:
     """A writable memory-mapped .npy file of `length` elements (filled by the caller, flushed on close)."""
     return np.lib.format.open_memmap(directory / f"{name}.npy", mode="w+", dtype=dtype, shape=(length,))

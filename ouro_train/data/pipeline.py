@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ouro_train.config import DataConfig, SourceConfig
-from ouro_train.data.cache import PreparedData, atomic_dir, cache_key, new_array, write_manifest
+from ouro_train.data.cache import PreparedData, atomic_dir, cache_key, content_sha256, new_array, write_manifest
 from ouro_train.data.chat import ChatEncoder, Supervision
 from ouro_train.data.dataset_info import dataset_info_sources
 from ouro_train.data.mix import SourcePlan, draw, plan_mix
@@ -223,7 +223,8 @@ def prepare(data: DataConfig, tokenizer, split: str = "train", log: Log = print)
         shutil.rmtree(tmp / "work")
         if bad_rows_log.exists():
             bad_rows_log.rename(tmp / "bad_rows.jsonl")
-        manifest.update(split=split, config_hash=key, tokenizer_hash=tokenizer_hash(tokenizer))
+        manifest.update(split=split, config_hash=key, tokenizer_hash=tokenizer_hash(tokenizer),
+                        content_sha256=content_sha256(tmp))
         write_manifest(tmp, manifest)
     log(f"[{split}] prepared data in {target}")
     return PreparedData(target)

@@ -102,7 +102,9 @@ def check_budgets(per_source: Sequence[tuple], on_bad_row: str, default_budget: 
         option = "data.max_bad_fraction" if src.max_bad_fraction is None else "its max_bad_fraction"
         reasons = ", ".join(f"{r} {n:,}" for r, n in counts.most_common())
         if valid == 0:
-            found = f": all {bad:,} rows are bad ({reasons}); first: {message}{where}" if bad else " (it read no row)"
+            origin = src.path if src.path is not None else f"{src.hf_id} (split {src.split})"
+            found = (f": all {bad:,} rows are bad ({reasons}); first: {message}{where}" if bad
+                     else f": it read no row from {origin}")
             raise DataError(f"source '{src.name}' has no valid row{found}")
         if bad > math.floor(budget * rows):
             raise DataError(

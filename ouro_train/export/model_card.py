@@ -116,6 +116,9 @@ def _training(f: CardFacts) -> str:
     settings = [(key, value) for key, value in settings if value is not None]
     if settings:
         lines += ["", "| setting | value |", "|---|---|", *(f"| `{k}` | `{json.dumps(v)}` |" for k, v in settings)]
+    for record in f.trained.get("config_changes", []):  # resumed with `resume_allow_changes`
+        changes = ", ".join(f"`{k}` {json.dumps(old)} → {json.dumps(new)}" for k, (old, new) in record["changes"].items())
+        lines += ["", f"Changed when resumed at step {record['step']}: {changes} (the values above are the last ones)."]
     return "\n".join(lines) + "\n"
 
 

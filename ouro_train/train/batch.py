@@ -71,10 +71,16 @@ def _nearest(values: list[int], target: int) -> int:
     return min(values, key=lambda v: (abs(v - target), v))
 
 
-def total_steps(max_steps: int | None, epochs: float, steps_per_epoch: int) -> int:
-    """`max_steps` when set, else `epochs` passes (at least one step)."""
+def total_steps(max_steps: int | None, epochs: float, geometry: BatchGeometry, rows: int) -> int:
+    """`max_steps` when set, else `epochs` passes over `rows` packed rows (at least one step)."""
     if max_steps is not None:
         return max_steps
+    steps_per_epoch = geometry.steps_per_epoch(rows)
     if steps_per_epoch == 0:
-        raise ValueError("the training data is smaller than one optimizer step (fewer packed rows than a global batch)")
+        g = geometry
+        raise ValueError(
+            f"the training data is smaller than one optimizer step: {rows:,} packed row{'s' * (rows != 1)} for a "
+            f"global batch of {g.sequences_per_step:,} sequences (train.micro_batch_size={g.micro_batch_size} × "
+            f"{g.world_size} data-parallel ranks × {g.grad_accum} accumulation steps); add data, lower "
+            "train.global_batch_size, or set max_steps to repeat the data")
     return max(1, math.floor(epochs * steps_per_epoch))

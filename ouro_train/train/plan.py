@@ -1,9 +1,9 @@
 """`ouro-train ... dry_run=true`: the compute plan of a recipe, without loading weights or data.
 
-Examples come from the sources' `count`s (the thinking mix names every count); a source without a count
-is local, and its valid rows are counted with the data pipeline's mix plan (validation only, no
-tokenization). Tokens are examples × `plan.tokens_per_example` (an estimate: `ouro-prepare` reports
-the real figure and the packing efficiency once the data is prepared).
+Training data that is all local files is counted (`data/counts.py`: the prepared cache's exact rows and
+tokens when it exists, else every valid row counted and a sample of each source tokenized). Otherwise
+examples come from the sources' `count`s (the thinking mix names every count), and tokens are examples ×
+`plan.tokens_per_example` (an estimate: `ouro-prepare` reports the real figure once the data is prepared).
 
 Memory per GPU: `train/memory.py` (one step traced on fake tensors + ZeRO's partitioning of the model
 states), for `plan.gpus` ranks. With `parallel.sequence_parallel_size=N` the batch counts rows over
@@ -31,21 +31,26 @@ RESULTS_DIR = REPO_ROOT / "bench" / "results"
 
 
 def compute_plan(cfg: RunConfig) -> dict:
-    sources = list(cfg.data.sources)
-    examples = sum(s.count for s in sources if s.count is not None)
-    if cfg.data.train_files or any(s.count is None for s in sources):
-        from ouro_train.data import plan
+    local = _count_local_data(cfg)
+    if local is not None:
+        examples, tokens_per_epoch, rows_per_epoch, basis = local.examples, local.tokens, local.rows, local.basis
+    else:
+        sources = list(cfg.data.sources)
+        examples = sum(s.count for s in sources if s.count is not None)
+        if cfg.data.train_files or any(s.count is None for s in sources):
+            from ouro_train.data import plan
 
-        examples = sum(p.target for p in plan(cfg.data, "train"))
-    tokens_per_epoch = examples * cfg.plan.tokens_per_example
-    rows_per_epoch = math.ceil(tokens_per_epoch / (cfg.data.max_seq_len * PACKING_EFFICIENCY))
+            examples = sum(p.target for p in plan(cfg.data, "train"))
+        tokens_per_epoch = examples * cfg.plan.tokens_per_example
+        rows_per_epoch = math.ceil(tokens_per_epoch / (cfg.data.max_seq_len * PACKING_EFFICIENCY))
+        basis = "examples × plan.tokens_per_example"
     sp = cfg.parallel.sequence_parallel_size
     config = memory.planned_model_config(cfg)
     if sp > 1:
         check_sequence_parallel(sp, cfg.plan.gpus, config.num_attention_heads, config.num_key_value_heads)
     geometry = batch_geometry(cfg.train, cfg.data.max_seq_len, cfg.plan.gpus // sp)
     sequences_per_step = geometry.sequences_per_step
-    steps = total_steps(cfg.max_steps, cfg.train.epochs, geometry.steps_per_epoch(rows_per_epoch))
+    steps = total_steps(cfg.max_steps, cfg.train.epochs, geometry, rows_per_epoch)
     train_tokens = steps * sequences_per_step * cfg.data.max_seq_len * PACKING_EFFICIENCY
 
     checkpointing = cfg.model.checkpointing.value
@@ -56,6 +61,7 @@ def compute_plan(cfg: RunConfig) -> dict:
     plan = {
         "examples_per_epoch": examples,
         "tokens_per_epoch": tokens_per_epoch,
+        "tokens_basis": basis,
         "packed_rows_per_epoch": rows_per_epoch,
         "epochs": cfg.train.epochs,
         "sequences_per_step": sequences_per_step,
@@ -73,15 +79,27 @@ def compute_plan(cfg: RunConfig) -> dict:
     return plan
 
 
+def _count_local_data(cfg: RunConfig):
+    """Examples, tokens and rows of training data that is all local files (None: a hub source)."""
+    from ouro_train.data import load_tokenizer
+    from ouro_train.data.counts import count_local_train_data
+
+    if any(s.path is None for s in cfg.data.sources):
+        return None
+    return count_local_train_data(cfg.data, load_tokenizer(cfg.model, cfg.data.cache_dir), PACKING_EFFICIENCY)
+
+
 def memory_plan(cfg: RunConfig, config, checkpointing: str) -> dict:
     estimate = memory.step_memory(config, memory.step_shape(cfg, checkpointing), cfg.deepspeed, cfg.plan.gpus)
     longest = memory.longest_seq_len(config, cfg, checkpointing, cfg.plan.gpus, cfg.plan.gpu_memory_gib, estimate)
+    positions = config.max_position_embeddings  # no longer rows than the model has positions, whatever fits
     return {
         "peak_gib": estimate["peak"] / memory.GIB,
         "components": {k: v / memory.GIB for k, v in estimate.items() if k != "peak"},
         "fits": {card: memory.fits(estimate["peak"], gib) for card, gib in memory.CARDS_GIB.items()},
         "gpu_memory_gib": cfg.plan.gpu_memory_gib,
-        "longest_max_seq_len": longest,
+        "longest_max_seq_len": min(longest, positions),
+        "longest_is_position_limit": longest > positions,
     }
 
 
@@ -140,7 +158,7 @@ def format_compute_plan(plan: dict) -> str:
     t = plan["time"]
     lines = [
         f"examples per epoch    {plan['examples_per_epoch']:>16,}",
-        f"tokens per epoch      {plan['tokens_per_epoch']:>16,.0f}   (examples × plan.tokens_per_example)",
+        f"tokens per epoch      {plan['tokens_per_epoch']:>16,.0f}   ({plan.get('tokens_basis', 'examples × plan.tokens_per_example')})",
         f"packed rows per epoch {plan['packed_rows_per_epoch']:>16,}",
         f"epochs                {plan['epochs']:>16g}",
         f"batch                 {plan['sequences_per_step']:>16,} sequences = {plan['tokens_per_step']:,} tokens",
@@ -166,5 +184,7 @@ def format_memory(m: dict, gpus: int) -> str:
     lines += [f"  {name:<20}{gib:>8.2f}" for name, gib in m["components"].items()]
     lines.append(f"  {'peak':<20}{m['peak_gib']:>8.2f}   (+{memory.CONTEXT_RESERVE_GIB} GiB CUDA context, not in the peak)")
     lines.append("fits on " + "   ".join(f"{card}: {'yes' if ok else 'no'}" for card, ok in m["fits"].items()))
-    lines.append(f"longest max_seq_len on {m['gpu_memory_gib']:g} GiB: {m['longest_max_seq_len']:,}")
+    lines.append(f"longest max_seq_len on {m['gpu_memory_gib']:g} GiB: {m['longest_max_seq_len']:,}"
+                 + ("   (the model's max_position_embeddings; the memory holds more)"
+                    if m.get("longest_is_position_limit") else ""))
     return "\n".join(lines)

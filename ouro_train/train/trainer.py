@@ -8,7 +8,8 @@ file system is checked here before the model is built):
   -> model (pretrained or random; activation checkpointing) -> LoRA / gate freezing -> DeepSpeed engine
   -> `output_dir/model/` (config, tokenizer, adapter config) -> resume from the newest complete checkpoint
   (written on another number of processes or ZeRO stage: through its universal copy, `train/universal.py`;
-  whether it is needed is known before the engine is built, since DeepSpeed's config says so).
+  whether it is needed is known before the engine is built, since DeepSpeed's config says so). Its settings
+  are compared with this run's once the data is prepared, before the model is built (`train/resume_check.py`).
 
 One optimizer step:
   take `grad_accum` micro-batches; all-reduce their supervised-token count N over the ranks; for each
@@ -75,6 +76,7 @@ from ouro_train.train.engine import (
 )
 from ouro_train.train.lora import apply_lora, count_parameters
 from ouro_train.train.metrics import MetricsLogger
+from ouro_train.train.resume_check import check_resume, optimizer_settings, reapply_optimizer_settings
 from ouro_train.train.objectives import compute_objective
 from ouro_train.train.state import TrainState
 from ouro_train.train.universal import ensure_universal
@@ -122,8 +124,10 @@ class Trainer:
         loader = MicroBatchLoader(self.train_data, cfg.train.micro_batch_size, rank=self.dp_rank,
                                   world_size=self.dp_world, seed=cfg.data.seed, shuffle=cfg.data.shuffle,
                                   pad_to_multiple_of=math.lcm(8, sp))
-        self.total_steps = total_steps(cfg.max_steps, cfg.train.epochs,
-                                       self.geometry.steps_per_epoch(len(self.train_data)))
+        self.total_steps = total_steps(cfg.max_steps, cfg.train.epochs, self.geometry, len(self.train_data))
+        # What the checkpoint was trained with against this run: refused here, before any weights.
+        self.resume_check = check_resume(self.resume_from, cfg, self.total_steps, self.geometry.sequences_per_step,
+                                         self.train_data, log=self._log)
 
         model = self._build_model()
         self.engine = self._build_engine(model)
@@ -251,7 +255,10 @@ class Trainer:
             return
         if self._universal:
             ensure_universal(path, log=self._log)
+        settings = optimizer_settings(self.engine)  # this run's, before the checkpoint's replace them
         checkpoint.load(self.engine, path, self.state, universal=self._universal, seed=self.cfg.seed)
+        if self.resume_check.reapply_optimizer:
+            reapply_optimizer_settings(self.engine, settings)
         self._log(f"resumed from {path} at step {self.state.step}")
         saved = checkpoint.Topology.of_checkpoint(path)
         if saved != self.topology:
@@ -447,7 +454,8 @@ class Trainer:
         return (module.get_base_model() if self.cfg.lora.enabled else module).config
 
     def save(self) -> Path:
-        metadata = {"world_size": self.world, "total_steps": self.total_steps, "config": to_plain_dict(self.cfg)}
+        metadata = {"world_size": self.world, "total_steps": self.total_steps, "config": to_plain_dict(self.cfg),
+                    **self.resume_check.metadata()}
         path = checkpoint.save(self.engine, self.run_dir, self.state, metadata, keep_last=self.cfg.checkpoint.keep_last)
         self._last_save = time.monotonic()
         return path

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from conftest import tiny_config, tiny_model
+from conftest import HANG_GUARD_S, tiny_config, tiny_model
 from ouro_train.config import DeepSpeedConfig, ObjectiveConfig, OptimConfig
 from ouro_train.model import OuroForCausalLM
 from ouro_train.train.memory import StepShape, step_memory
@@ -112,7 +112,7 @@ def test_metrics_record_mfu_and_peak_memory(tmp_path):
     # `python -m ouro_train.train`: the GPU box runs the repository from PYTHONPATH, without console scripts
     command = [sys.executable, "-m", "ouro_train.train", "--config-name", "smoke", f"output_dir={tmp_path}",
                f"data.cache_dir={tmp_path / 'cache'}", "max_steps=3", "export_at_end=false", "wandb.mode=disabled"]
-    proc = subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=1800)
+    proc = subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r.get("split", "train") == "train"]

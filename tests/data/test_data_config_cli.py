@@ -11,7 +11,7 @@ from data_helpers import GOOD_ROW, write_jsonl
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
-from conftest import run_in_process
+from conftest import HANG_GUARD_S, run_in_process
 from ouro_train.cli import prepare, recipes_dir, strip_launcher_args
 from ouro_train.config import Format, ModelInit, OnBadRow, RunConfig, to_object
 from ouro_train.data.tokenizer import PROJECT_VOCAB_SIZE
@@ -51,9 +51,9 @@ def test_unknown_or_mistyped_keys_fail(override, message):
 
 
 def test_keys_added_with_plus_are_refused_too():
-    with pytest.raises(ValueError, match="unknown config key data.foo"):
+    with pytest.raises(ValueError, match="data.foo: unknown config key"):
         load(overrides=["+data.foo=1"])
-    with pytest.raises(ValueError, match=r"unknown config key data.sources.0.colour"):
+    with pytest.raises(ValueError, match=r"data.sources.0.colour: unknown config key"):
         load(overrides=["+data.sources.0.colour=red"])
 
 
@@ -87,7 +87,7 @@ def test_strip_launcher_args(monkeypatch):
 
 def run_prepare(*args, cwd):
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([*PREPARE, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([*PREPARE, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
 
 
 def test_ouro_prepare_smoke_plan_and_build(tmp_path, monkeypatch, capsys):

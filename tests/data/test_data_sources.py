@@ -67,7 +67,7 @@ def test_a_source_with_no_valid_row_stops_the_run(tmp_path, mode):
     with pytest.raises(DataError, match=f"^{message}"):
         check_sources(data, data.sources, tmp_path / "w")
     src = local("empty", empty, format=Format.messages)
-    with pytest.raises(DataError, match=r"^source 'empty' has no valid row \(it read no row\)$"):
+    with pytest.raises(DataError, match=f"^source 'empty' has no valid row: it read no row from {empty}$"):
         check_sources(data_config(tmp_path, [src]), [src], tmp_path / "w2")
 
 

@@ -16,7 +16,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import assert_instances_agree
+from conftest import HANG_GUARD_S, assert_instances_agree
 from ouro_train.data import project_tokenizer
 from ouro_train.export import ExportError, export_run
 from ouro_train.export.cli import main as export_cli
@@ -28,7 +28,7 @@ STAGES = ["zero0", "zero1", "zero2", "zero3"]
 
 def _write_runs(cmd: list, env: dict) -> None:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **env}
-    proc = subprocess.run([str(c) for c in cmd], env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([str(c) for c in cmd], env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
     if proc.returncode:
         pytest.fail(f"{' '.join(map(str, cmd))} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
 

@@ -17,7 +17,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoTokenizer
 
-from conftest import shared_path, tiny_model
+from conftest import HANG_GUARD_S, shared_path, tiny_model
 from ouro_train.data import project_tokenizer
 from ouro_train.export import export_model
 from tf4_probe import MESSAGES
@@ -36,7 +36,7 @@ def _probe(export_dir: Path, out: Path, *args: str) -> dict:
     python = _env_path("OURO_TF4_PYTHON", "a python with transformers 4.x, for the transformers 4 checks")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # nothing of ouro-train on its path
     proc = subprocess.run([python, str(PROBE), str(export_dir), str(out), *args], env=env, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=HANG_GUARD_S)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(out.read_text())
     assert result["transformers"].startswith("4."), result["transformers"]

@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO_ROOT
+from conftest import HANG_GUARD_S, REPO_ROOT
 from train_helpers import ENV, compose_run, metrics, run_train
 from ouro_train.config import TrainConfig
 from ouro_train.data import project_tokenizer
@@ -38,7 +38,7 @@ from ouro_train.train import checkpoint, universal
 from ouro_train.train.batch import batch_geometry
 from ouro_train.train.trainer import Trainer
 
-TIMEOUT = 900
+TIMEOUT = HANG_GUARD_S
 RUN = ("max_steps=8", "checkpoint.every_n_steps=4", "checkpoint.keep_last=0", "data.max_seq_len=128",
        "wandb.mode=disabled", "export_at_end=false")
 

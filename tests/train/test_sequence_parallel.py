@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO_ROOT
+from conftest import HANG_GUARD_S, REPO_ROOT
 from grad_recorder import GradRecorder
 from train_helpers import ENV, compose_run, metrics
 from ouro_train.config import ConfigError
@@ -25,7 +25,7 @@ from ouro_train.run_dir import RunDir
 from ouro_train.train.engine import free_port
 from ouro_train.train.trainer import Trainer
 
-TIMEOUT = 600
+TIMEOUT = HANG_GUARD_S
 SEQ = 128
 # Adam with eps = 1 moves each weight by about lr·g: later steps' gradients see the earlier ones.
 RUN = ("max_steps=3", f"data.max_seq_len={SEQ}", "model.checkpointing=step+layer", "deepspeed=zero2",

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from train_helpers import ENV, metrics, run_train, train_command
-from conftest import REPO_ROOT, run_in_process
+from conftest import HANG_GUARD_S, REPO_ROOT, run_in_process
 from ouro_train.cli import train
 from ouro_train.run_dir import COMPLETE, RunDir
 
@@ -29,7 +29,7 @@ def test_resume_after_kill_reproduces_the_trajectory_bit_for_bit(tmp_path, data_
     proc = subprocess.Popen(train_command(*base(run_dir, data_cache, *args)), env=ENV, cwd=REPO_ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     marker = RunDir(run_dir).checkpoint(4) / COMPLETE
-    deadline = time.time() + 240
+    deadline = time.time() + HANG_GUARD_S
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
@@ -51,11 +51,11 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, data_cache):
     proc = subprocess.Popen(train_command(*endless), env=ENV, cwd=REPO_ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     log = tmp_path / "metrics.jsonl"
-    deadline = time.time() + 240
+    deadline = time.time() + HANG_GUARD_S
     while (not log.exists() or len(log.read_text().splitlines()) < 2) and time.time() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
-    output, _ = proc.communicate(timeout=120)
+    output, _ = proc.communicate(timeout=HANG_GUARD_S)
     assert proc.returncode == 0, output[-3000:]
     saved = RunDir(tmp_path).complete_checkpoints()
     assert len(saved) == 1

@@ -99,7 +99,8 @@ def test_the_in_a_row_counter_survives_a_resume(tmp_path, data_cache):
     make(tmp_path, data_cache, "max_steps=2", "checkpoint.every_n_steps=1", cls=NaNForTwoSteps).train()
     state = json.loads((RunDir(tmp_path).checkpoint(2) / "trainer_state.json").read_text())
     assert (state["bad_steps_in_row"], state["bad_steps_total"]) == (2, 2)
-    resumed = make(tmp_path, data_cache, "max_steps=6", "train.max_bad_steps=3", cls=NaNAlways)
+    resumed = make(tmp_path, data_cache, "max_steps=6", "train.max_bad_steps=3", "resume_allow_changes=[max_steps]",
+                   cls=NaNAlways)
     assert (resumed.state.step, resumed.state.bad_steps_in_row) == (2, 2)
     with pytest.raises(StopTraining, match=r"3 optimizer steps in a row \(last: step 3\)"):
         resumed.train()

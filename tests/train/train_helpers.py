@@ -10,7 +10,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-from conftest import REPO_ROOT, tiny_config
+from conftest import HANG_GUARD_S, REPO_ROOT, tiny_config
 from ouro_train.config import RunConfig, to_object
 from ouro_train.train.engine import free_port
 
@@ -35,7 +35,7 @@ def train_command(*overrides: str, recipe: str = "smoke", nproc: int = 1, launch
             "-m", "ouro_train.train", *args]
 
 
-def run_train(*overrides: str, timeout: int = 300, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+def run_train(*overrides: str, timeout: int = HANG_GUARD_S, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
     proc = subprocess.run(train_command(*overrides, **kwargs), env=ENV, capture_output=True, text=True,
                           timeout=timeout, cwd=REPO_ROOT)
     if check and proc.returncode != 0:
@@ -65,6 +65,7 @@ def tiny_base_model(tmp_path: Path):
     tokenizer = project_tokenizer(str(cache))
     base = tmp_path / "base"
     torch.manual_seed(0)
-    OuroForCausalLM(tiny_config(vocab_size=len(tokenizer), pad_token_id=0, bos_token_id=0)).save_pretrained(base)
+    OuroForCausalLM(tiny_config(vocab_size=len(tokenizer), pad_token_id=0, bos_token_id=0,
+                                max_position_embeddings=512)).save_pretrained(base)
     tokenizer.save_pretrained(base)
     return base, cache, tokenizer
