@@ -35,7 +35,7 @@ COMMON_OVERRIDES = {
         ("data.cache_dir=DIR", "where the prepared data is kept (share it between runs)"),
         ("max_steps=N", "optimizer steps (else train.epochs over the data)"),
         ("train.global_batch_size=N", "sequences per optimizer step; train.micro_batch_size=N per forward"),
-        ("optim.lr=X", "peak learning rate (warmup, then cosine to optim.min_lr_ratio)"),
+        ("optim.lr=X", "peak learning rate (warmup, then optim.schedule=cosine|linear|wsd|...)"),
         ("lora.enabled=true", "train LoRA adapters instead of all weights"),
         ("deepspeed=zero3", "the ZeRO stage (recipes/deepspeed/*.yaml)"),
         ("resume=auto|none|DIR", "auto: the newest complete checkpoint in output_dir"),

@@ -41,7 +41,7 @@ def run_entry(prog: str, *args: str, cwd: Path) -> tuple[dict, str, str]:
 def test_help_lists_the_recipes_and_common_overrides_without_importing_torch(prog, tmp_path):
     result, out, _ = run_entry(prog, "--help", cwd=tmp_path)
     assert result == {"status": 0, "heavy": []}
-    for recipe in ("smoke", "thinking_sft", "lora_domain"):
+    for recipe in ("smoke", "sft", "thinking_sft", "lora_domain"):
         assert f"\n  {recipe} " in out
     assert ("dry_run=true" if prog == "ouro-train" else "--plan") in out
     assert "output_dir=DIR" in out or "data.cache_dir=DIR" in out
@@ -51,7 +51,7 @@ def test_no_recipe_lists_the_recipes(tmp_path):
     result, _, err = run_entry("ouro-train", cwd=tmp_path)
     assert result == {"status": 2, "heavy": []}
     assert err.strip().splitlines() == [
-        "error: no recipe: ouro-train --config-name RECIPE, one of lora_domain, smoke, thinking_sft "
+        "error: no recipe: ouro-train --config-name RECIPE, one of lora_domain, sft, smoke, thinking_sft "
         "(ouro-train --help for the common overrides)"]
 
 

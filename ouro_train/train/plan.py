@@ -144,7 +144,7 @@ def recorded_hardware_utilization(config, seq: int, results_dir: Path = RESULTS_
 
 
 def _measured(record: dict) -> list[dict]:
-    return [r for r in record["results"] if r.get("mfu")]
+    return [r for r in record.get("results", []) if r.get("mfu")]  # other bench records (e.g. block_mask.json) hold none
 
 
 def write_plan(plan: dict, output_dir: str) -> Path:
