@@ -53,8 +53,6 @@ CHECKPOINT_GRANULARITIES = (
     "step+layer",
 )
 
-KEEP = ("save_attn", "save_matmul")
-
 _aten = torch.ops.aten
 # Fused attention kernels (output, log-sum-exp, ...) as the dispatcher sees them on CPU and CUDA.
 _ATTENTION_OPS = {
@@ -62,8 +60,6 @@ _ATTENTION_OPS = {
     _aten._scaled_dot_product_flash_attention_for_cpu,
     _aten._scaled_dot_product_efficient_attention,
     _aten._scaled_dot_product_cudnn_attention,
-    _aten._flash_attention_forward,
-    _aten._efficient_attention_forward,
 }
 _MATMUL_OPS = {_aten.mm, _aten.addmm, _aten.bmm, _aten.baddbmm}
 
