@@ -29,7 +29,10 @@ the order between neighbours depends on the length).
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
+from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
@@ -120,6 +123,39 @@ def _compiled_selective_checkpoint():
     return torch.compile(_selective_checkpoint)
 
 
+class _CurrentStep(threading.local):
+    """The step checkpoint this thread is running (its first forward or its recompute; on CUDA the
+    recompute runs on the backward's thread): the stores its layers' selective checkpoints share."""
+
+    stores: dict | None = None
+    recomputing = False
+
+    @contextlib.contextmanager
+    def running(self, stores: dict, recomputing: bool):
+        previous = self.stores, self.recomputing
+        self.stores, self.recomputing = stores, recomputing
+        try:
+            yield
+        finally:
+            self.stores, self.recomputing = previous
+
+
+_CURRENT_STEP = _CurrentStep()
+
+
+def _nested_selective_contexts(keep: str, storage: dict, recomputing: bool):
+    """A layer's selective checkpoint inside a step checkpoint. Its first forward keeps nothing (kept
+    outputs would live until the step's backward); the step's recompute fills `storage`, which the
+    layer's own recompute, in the step's backward, then reads: the autograd graph the backward walks
+    is the first forward's, so that checkpoint's recompute must read what the step's recompute kept."""
+    keeps = _KEEPS[keep]
+    if recomputing:
+        forward, _ = create_selective_checkpoint_contexts(_policy_fn(keeps))
+        forward.storage = storage
+        return forward, contextlib.nullcontext()  # this checkpoint's graph is not the one walked
+    return contextlib.nullcontext(), _RerunRecomputedOps(keeps, storage)
+
+
 @dataclass(frozen=True)
 class CheckpointingPolicy:
     """A parsed policy name: which regions are checkpoints and what a layer checkpoint keeps."""
@@ -134,11 +170,27 @@ class CheckpointingPolicy:
         """Whether layer application `application` (step · L + layer) runs as a checkpoint."""
         return self.layer and application % self.every == 0
 
+    def run_step(self, stack, *args) -> torch.Tensor:
+        """`stack(*args)` (one recurrent step's layers), as a checkpoint if this policy has step checkpoints."""
+        if not self.step:
+            return stack(*args)
+        stores: dict = {}  # layer application -> what its selective checkpoint keeps, filled by the recompute
+
+        def contexts():
+            return _CURRENT_STEP.running(stores, False), _CURRENT_STEP.running(stores, True)
+
+        return checkpoint(stack, *args, use_reentrant=False, context_fn=contexts)
+
     def run_layer(self, layer, application: int, *args) -> torch.Tensor:
         """`layer(*args)`, as a checkpoint of this policy where it checkpoints that application."""
         if not self.checkpoints_layer(application):
             return layer(*args)
-        if self.keep is None:
+        step = _CURRENT_STEP
+        if self.keep is not None and step.stores is not None and layer._compiled_call_impl is None:
+            storage = step.stores.setdefault(application, defaultdict(dict))
+            context = functools.partial(_nested_selective_contexts, self.keep, storage, step.recomputing)
+            return checkpoint(layer, *args, use_reentrant=False, context_fn=context)
+        if self.keep is None or step.stores is not None:  # compiled layers in a step: whole checkpoints
             return checkpoint(layer, *args, use_reentrant=False)
         if layer._compiled_call_impl is not None:  # `compile_layers`: compile the checkpoint around the layer
             return _compiled_selective_checkpoint()(self.keep, layer, *args)

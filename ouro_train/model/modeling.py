@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import ModelOutput
@@ -228,10 +227,7 @@ class OuroModel(OuroPreTrainedModel):
         decoding runs it on the rows still looping. Activation checkpointing follows
         `set_activation_checkpointing` while gradients are enabled (no cache then)."""
         policy = parse_policy(self.activation_checkpointing if torch.is_grad_enabled() else "none")
-        if policy.step:
-            h = checkpoint(self._layer_stack, h, step, rope, plans, None, policy, use_reentrant=False)
-        else:
-            h = self._layer_stack(h, step, rope, plans, cache, policy)
+        h = policy.run_step(self._layer_stack, h, step, rope, plans, None if policy.step else cache, policy)
         return h, self.early_exit_gate(h)
 
     def _layer_stack(self, h, step: int, rope, plans, cache, policy) -> torch.Tensor:
