@@ -79,7 +79,8 @@ def main() -> None:
                            formula_over_model=hardware_flops_per_token(config, seq, policy)
                            / training_flops_per_token(config, seq))
                 if not args.no_memory:
-                    row["peak_gib"] = step_memory(config, StepShape(seq_len=seq, checkpointing=policy), ds, 8)["peak"] / GIB
+                    shape = StepShape(seq_len=seq, checkpointing=policy)
+                    row["peak_gib"] = step_memory(config, shape, ds, 8)["peak"] / GIB
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     if args.json:

@@ -46,7 +46,8 @@ def training_flops_per_token(config: OuroConfig, seq_len: int) -> float:
 def hardware_flops_per_token(config: OuroConfig, seq_len: int, checkpointing: str) -> float:
     """What the GPU computes per training token: the model FLOPs, the parts of the layer stack's forward
     that the checkpointing policy recomputes, and the head's forward recomputed by the chunked loss."""
-    matmul, attention = parse_policy(checkpointing).recomputed_forwards(config.total_ut_steps * config.num_hidden_layers)
+    applications = config.total_ut_steps * config.num_hidden_layers
+    matmul, attention = parse_policy(checkpointing).recomputed_forwards(applications)
     recomputed = matmul * _layer_matmul_flops(config) + attention * _layer_attention_flops(config, seq_len)
     return training_flops_per_token(config, seq_len) + recomputed + 2 * config.vocab_size * config.hidden_size
 
@@ -64,7 +65,8 @@ def _layer_matmul_flops(config: OuroConfig) -> float:
 
 def _layer_attention_flops(config: OuroConfig, seq_len: int) -> float:
     applications = config.total_ut_steps * config.num_hidden_layers
-    return 2 * applications * seq_len * config.num_attention_heads * config.resolved_head_dim  # causal: half of 4·S·H·D
+    # Causal: half of the 4 · S · H · D of QK^T and PV over the whole square.
+    return 2 * applications * seq_len * config.num_attention_heads * config.resolved_head_dim
 
 
 # torch's FLOP counter knows SDPA's CUDA kernels but not its CPU flash kernel (what causal and masked
