@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 
 from ouro_train.config import DeepSpeedConfig
-from ouro_train.model import OuroConfig
+from ouro_train.model import CHECKPOINT_GRANULARITIES, OuroConfig
 from ouro_train.model.configuration import RELEASED_ARCHITECTURES
 from ouro_train.train.memory import CARDS_GIB, GIB, StepShape, fits, step_memory
 
@@ -22,7 +22,7 @@ def main() -> None:
     p.add_argument("--sizes", nargs="+", choices=sorted(RELEASED_ARCHITECTURES), default=["1.4b", "2.6b"])
     p.add_argument("--seq", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
     p.add_argument("--gpus", type=int, nargs="+", default=[8, 32])
-    p.add_argument("--checkpointing", default="step+layer", choices=["none", "layer", "step", "step+layer"])
+    p.add_argument("--checkpointing", default="step+layer", choices=CHECKPOINT_GRANULARITIES)
     p.add_argument("--zero", type=int, default=2)
     args = p.parse_args()
     ds = DeepSpeedConfig(zero_stage=args.zero)

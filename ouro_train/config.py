@@ -66,11 +66,16 @@ class Overlong(Enum):
     truncate = "truncate"  # cut at max_seq_len; dropped if no supervised token is left
 
 
-# Activation checkpointing granularity (the model's `set_activation_checkpointing` argument): `step`
-# recomputes each recurrent step, `step+layer` also each layer inside it; `auto` is resolved before the
-# model is built to the cheapest one whose estimated peak fits the GPU (train/memory.py). Functional
-# form: the member names are the values Hydra reads from a recipe, and `step+layer` is no identifier.
-Checkpointing = Enum("Checkpointing", {name: name for name in ("none", "layer", "step", "step+layer", "auto")})
+# Activation checkpointing policy (the model's `set_activation_checkpointing` argument, explained in
+# ouro_train/model/checkpointing.py, which lists the same names): `layer` checkpoints each layer
+# application, `step` each recurrent step, `step+layer` both; `:save_attn` / `:save_matmul` keep the
+# attention / every matmul output of a layer checkpoint and recompute the rest; `layer/k` checkpoints one
+# layer application in k. `auto` is resolved before the model is built to the cheapest policy whose
+# estimated peak fits the GPU (train/memory.py). Functional form: the member names are the values Hydra
+# reads from a recipe, and `step+layer` is no identifier.
+Checkpointing = Enum("Checkpointing", {name: name for name in (
+    "none", "layer/4", "layer/2", "layer:save_matmul", "layer:save_attn", "layer", "step",
+    "step+layer:save_matmul", "step+layer:save_attn", "step+layer", "auto")})
 
 # Released architectures the compute plan can size without a checkpoint (ouro_train.model.configuration).
 ModelSize = Enum("ModelSize", {name: name for name in ("1.4b", "2.6b")})
@@ -119,7 +124,7 @@ class ModelConfig:
     tokenizer: Optional[str] = None
     # Config fields set over model.path's config (or the class defaults), e.g. a tiny model for CI.
     config_overrides: Dict[str, Any] = field(default_factory=dict)
-    # Activation checkpointing: none | layer | step | step+layer (step+layer for long sequences) | auto.
+    # Activation checkpointing policy (see Checkpointing): none | layer | step+layer:save_attn | ... | auto.
     checkpointing: Checkpointing = Checkpointing["none"]
     attn_implementation: AttnImplementation = AttnImplementation.sdpa
     # torch.compile the decoder layer (one compiled region, run T × L times per forward): true | false |

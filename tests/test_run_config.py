@@ -19,7 +19,9 @@ def load(overrides=(), name="smoke"):
 @pytest.mark.parametrize(
     "override, full_key, choices",
     [
-        ("model.checkpointing=blocks", "model.checkpointing", "[none, layer, step, step+layer, auto]"),
+        ("model.checkpointing=blocks", "model.checkpointing",
+         "[none, layer/4, layer/2, layer:save_matmul, layer:save_attn, layer, step, step+layer:save_matmul, "
+         "step+layer:save_attn, step+layer, auto]"),
         ("model.attn_implementation=flash", "model.attn_implementation", "[sdpa, eager, flex_attention]"),
         ("objective.name=expected_logit", "objective.name", "[expected_logits, expected_loss, final_step, gate]"),
         ("wandb.mode=on", "wandb.mode", "[offline, online, disabled]"),

@@ -3,9 +3,9 @@
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from ouro_train.model.cache import LoopSlots, OuroCache
+from ouro_train.model.checkpointing import CHECKPOINT_GRANULARITIES
 from ouro_train.model.configuration import OuroConfig
 from ouro_train.model.modeling import (
-    CHECKPOINT_GRANULARITIES,
     OuroCausalLMOutput,
     OuroForCausalLM,
     OuroModel,

@@ -3,6 +3,10 @@ benchmarks and the trainer."""
 
 from __future__ import annotations
 
+import torch
+from torch.utils.flop_counter import flop_registry, register_flop_formula, sdpa_backward_flop, sdpa_flop
+
+from ouro_train.model.checkpointing import parse_policy
 from ouro_train.model.configuration import OuroConfig
 
 # Dense bf16 tensor-core peak FLOP/s from the vendors' data sheets (no sparsity), by a substring of
@@ -39,22 +43,35 @@ def training_flops_per_token(config: OuroConfig, seq_len: int) -> float:
     return 3 * _layer_forward_flops(config, seq_len) + 6 * config.vocab_size * config.hidden_size
 
 
-# Forward passes of the layer stack recomputed in backward: `step+layer` recomputes each step, and
-# inside that recompute each layer's backward recomputes the layer once more.
-RECOMPUTED_FORWARDS = {"none": 0, "layer": 1, "step": 1, "step+layer": 2}
-
-
 def hardware_flops_per_token(config: OuroConfig, seq_len: int, checkpointing: str) -> float:
-    """What the GPU computes per training token: the model FLOPs, the layer stack's recomputed
-    forwards, and the head's forward recomputed by the chunked loss."""
-    recomputed = RECOMPUTED_FORWARDS[checkpointing] * _layer_forward_flops(config, seq_len)
+    """What the GPU computes per training token: the model FLOPs, the parts of the layer stack's forward
+    that the checkpointing policy recomputes, and the head's forward recomputed by the chunked loss."""
+    applications = config.total_ut_steps * config.num_hidden_layers
+    matmul, attention = parse_policy(checkpointing).recomputed_forwards(applications)
+    recomputed = matmul * _layer_matmul_flops(config) + attention * _layer_attention_flops(config, seq_len)
     return training_flops_per_token(config, seq_len) + recomputed + 2 * config.vocab_size * config.hidden_size
 
 
 def _layer_forward_flops(config: OuroConfig, seq_len: int) -> float:
     """Forward FLOPs per token of the T · L layer applications: matmuls and causal attention."""
+    return _layer_matmul_flops(config) + _layer_attention_flops(config, seq_len)
+
+
+def _layer_matmul_flops(config: OuroConfig) -> float:
     d, heads, head_dim = config.hidden_size, config.num_attention_heads, config.resolved_head_dim
     layer = 2 * d * heads * head_dim + 2 * d * config.num_key_value_heads * head_dim + 3 * d * config.intermediate_size
+    return 2 * config.total_ut_steps * config.num_hidden_layers * layer
+
+
+def _layer_attention_flops(config: OuroConfig, seq_len: int) -> float:
     applications = config.total_ut_steps * config.num_hidden_layers
-    attention = 2 * applications * seq_len * heads * head_dim  # half of the full 4·S·H·D: causal
-    return 2 * applications * layer + attention
+    # Causal: half of the 4 · S · H · D of QK^T and PV over the whole square.
+    return 2 * applications * seq_len * config.num_attention_heads * config.resolved_head_dim
+
+
+# torch's FLOP counter knows SDPA's CUDA kernels but not its CPU flash kernel (what causal and masked
+# SDPA run on the CPU): without these, FLOPs counted on the CPU would leave attention out.
+for _op, _formula in ((torch.ops.aten._scaled_dot_product_flash_attention_for_cpu, sdpa_flop),
+                      (torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward, sdpa_backward_flop)):
+    if _op not in flop_registry:
+        register_flop_formula(_op, get_raw=True)(_formula)  # the formulas come shape-wrapped

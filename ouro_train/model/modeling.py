@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import ModelOutput
@@ -27,12 +26,12 @@ from transformers.utils import logging
 
 from ouro_train.model.attention import document_ids, plan_attention, position_ids_from_cu_seqlens
 from ouro_train.model.cache import OuroCache, has_slots, loop_slot
+from ouro_train.model.checkpointing import parse_policy
 from ouro_train.model.configuration import OuroConfig
 from ouro_train.model.layers import OuroDecoderLayer, RMSNorm, RotaryEmbedding
 
 logger = logging.get_logger(__name__)
 
-CHECKPOINT_GRANULARITIES = ("none", "layer", "step", "step+layer")
 _LOSS_KWARGS = ("num_items_in_batch", "shift_labels", "ignore_index")
 
 
@@ -126,12 +125,13 @@ class OuroModel(OuroPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed_tokens = value
 
-    def set_activation_checkpointing(self, granularity: str) -> None:
-        """`none | layer | step | step+layer`. `step` checkpoints each recurrent step (all L layers);
-        `step+layer` also checkpoints each layer inside the recompute of a step."""
-        if granularity not in CHECKPOINT_GRANULARITIES:
-            raise ValueError(f"activation checkpointing {granularity!r} not in {CHECKPOINT_GRANULARITIES}")
-        self.activation_checkpointing = granularity
+    def set_activation_checkpointing(self, policy: str) -> None:
+        """One of `CHECKPOINT_GRANULARITIES` (see `checkpointing`): `layer` checkpoints each layer
+        application, `step` each recurrent step (all L layers), `step+layer` also each layer inside the
+        recompute of a step; `:save_attn` / `:save_matmul` keep the attention / every matmul output of a
+        layer checkpoint (selective recompute); `layer/k` checkpoints one layer application in k."""
+        parse_policy(policy)
+        self.activation_checkpointing = policy
 
     def compile_layers(self) -> None:
         """`torch.compile` each decoder layer in place: regional compilation. The layers share their
@@ -226,19 +226,14 @@ class OuroModel(OuroPreTrainedModel):
         the slots `loop_slot(step, layer)`. `forward` runs it T times on all rows; compute-saving early-exit
         decoding runs it on the rows still looping. Activation checkpointing follows
         `set_activation_checkpointing` while gradients are enabled (no cache then)."""
-        checkpointing = self.activation_checkpointing if torch.is_grad_enabled() else "none"
-        if checkpointing in ("step", "step+layer"):
-            h = checkpoint(self._layer_stack, h, step, rope, plans, None, checkpointing, use_reentrant=False)
-        else:
-            h = self._layer_stack(h, step, rope, plans, cache, checkpointing)
+        policy = parse_policy(self.activation_checkpointing if torch.is_grad_enabled() else "none")
+        h = policy.run_step(self._layer_stack, h, step, rope, plans, None if policy.step else cache, policy)
         return h, self.early_exit_gate(h)
 
-    def _layer_stack(self, h, step: int, rope, plans, cache, checkpointing: str) -> torch.Tensor:
-        per_layer = checkpointing in ("layer", "step+layer")
+    def _layer_stack(self, h, step: int, rope, plans, cache, policy) -> torch.Tensor:
         for layer in self.layers:
-            slot = loop_slot(step, layer.layer_idx, len(self.layers))
-            args = (h, rope, plans[layer.attention_type], cache, slot)
-            h = checkpoint(layer, *args, use_reentrant=False) if per_layer else layer(*args)
+            slot = loop_slot(step, layer.layer_idx, len(self.layers))  # also the layer application's index
+            h = policy.run_layer(layer, slot, h, rope, plans[layer.attention_type], cache, slot)
         return self.norm(h)
 
     def position_embeddings(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
