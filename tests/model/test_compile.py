@@ -73,15 +73,16 @@ def test_compiled_layers_equal_eager_on_packed_rows_with_each_checkpointing_poli
         model.config._attn_implementation = "sdpa"
         model.set_activation_checkpointing(policy)
     eager, compiled = models
+    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     graphs = []
     for seed in (0, 1):
         ids, positions = packed_rows(seed)
         assert_same(forward_backward(compiled, ids, position_ids=positions),
                     forward_backward(eager, ids, position_ids=positions))
         graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
-    # New boundaries reuse the compiled layer, and so does the recomputation of a checkpointed layer
-    # (measured: one graph for all four policies of today).
-    assert graphs[1] == graphs[0] <= 3
+    # New boundaries reuse the compiled layer, and so does the recomputation of a checkpointed layer:
+    # at most one new graph per policy (a selective policy compiles the layer with its checkpoint).
+    assert graphs[1] == graphs[0] <= before + 1
 
 
 @torch.no_grad()
