@@ -187,6 +187,10 @@ class TrainConfig:
     global_batch_tokens: Optional[int] = None
     epochs: float = 1.0  # passes over the prepared training rows (max_steps wins when set)
     max_bad_steps: int = 3  # non-finite losses in a row before the run stops
+    # The loss of every recurrent step (`loss_step{t}`) is logged on steps 1, 1 + N, 1 + 2N, ...: each
+    # step the objective does not use itself costs a vocabulary projection of every token. The other
+    # steps log the loss and the exit statistics (free) and the per-step losses the objective computes.
+    log_every: int = 1
 
     def check(self, at: str) -> None:
         _require(self.micro_batch_size >= 1, f"{at}.micro_batch_size", f"must be >= 1, got {self.micro_batch_size}")
@@ -197,6 +201,7 @@ class TrainConfig:
             _require(value is None or value >= 1, f"{at}.{name}", f"must be >= 1, got {value}")
         _require(self.epochs > 0, f"{at}.epochs", f"must be > 0, got {self.epochs}")
         _require(self.max_bad_steps >= 1, f"{at}.max_bad_steps", f"must be >= 1, got {self.max_bad_steps}")
+        _require(self.log_every >= 1, f"{at}.log_every", f"must be >= 1, got {self.log_every}")
 
 
 @dataclass

@@ -83,6 +83,7 @@ def test_zero_stages_partition_the_model_states_as_deepspeed_does():
 def test_dry_run_plans_memory_and_auto_checkpointing(tmp_path):
     from ouro_train.train import memory
     from ouro_train.train.plan import compute_plan, write_plan
+    from ouro_train.train.trainable import architecture
 
     def run(gib: float):
         return compose_run("dry_run=true", "deepspeed=zero0", "plan.gpus=1", "model.checkpointing=auto",
@@ -90,7 +91,7 @@ def test_dry_run_plans_memory_and_auto_checkpointing(tmp_path):
 
     def peak(recipe, checkpointing: str, seq_len: int | None = None) -> int:
         shape = memory.step_shape(recipe, checkpointing, seq_len)
-        return memory.step_memory(memory.planned_model_config(recipe), shape, recipe.deepspeed, 1)["peak"]
+        return memory.step_memory(architecture(recipe, planning=True), shape, recipe.deepspeed, 1)["peak"]
 
     unchecked = peak(run(1), "none")
     roomy_gib = 3 * unchecked / memory.GIB + memory.CONTEXT_RESERVE_GIB  # room for a few times the length
@@ -107,5 +108,9 @@ def test_dry_run_plans_memory_and_auto_checkpointing(tmp_path):
     # A budget the unchecked step just exceeds: auto picks a checkpointed granularity that meets it.
     tight_gib = unchecked / memory.GIB + memory.CONTEXT_RESERVE_GIB - 1e-4
     tight = run(tight_gib)
-    chosen = memory.choose_checkpointing(tight, memory.planned_model_config(tight), 1, tight_gib)
+    table = memory.policy_table(tight, architecture(tight, planning=True), 1)
+    chosen = memory.choose_checkpointing(table, tight_gib)
     assert chosen != "none" and memory.fits(peak(tight, chosen), tight_gib)
+    # ... the one executing the fewest FLOPs among those that fit
+    fitting = [p for p, row in table.items() if memory.fits(row["peak"], tight_gib)]
+    assert all(table[chosen]["executed_flops_per_token"] <= table[p]["executed_flops_per_token"] for p in fitting)
