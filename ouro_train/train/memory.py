@@ -137,7 +137,6 @@ def trace_step(model: nn.Module, shape: StepShape, keep_grads: bool = False) -> 
     model's parameters and the FLOPs executed. Without `keep_grads` each parameter gradient is dropped
     as soon as it is accumulated, as ZeRO-2/3 move it into their reduce bucket (a model state of its own)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.utils.flop_counter import FlopCounterMode
 
     with FakeTensorMode(allow_non_fake_inputs=True):
         model.to_empty(device="cpu")
@@ -145,13 +144,34 @@ def trace_step(model: nn.Module, shape: StepShape, keep_grads: bool = False) -> 
             p.register_post_accumulate_grad_hook(_drop_grad) for p in model.parameters() if p.requires_grad
         ]
         targets = shape.seq_len // shape.sequence_parallel if shape.sequence_parallel > 1 else shape.seq_len - 1
-        counter = FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOPS)
-        with StoragePeak() as tracker, counter, _SupervisedCount(shape.micro_batch_size * targets):
+        with StoragePeak() as tracker, FlopCount() as counter, _SupervisedCount(shape.micro_batch_size * targets):
             run_step(model, shape)
         for hook in hooks:
             hook.remove()
-    by_op = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
-    return StepTrace(tracker.peak, float(counter.get_total_flops()), by_op)
+    return StepTrace(tracker.peak, float(sum(counter.by_op.values())), dict(counter.by_op))
+
+
+class FlopCount(TorchDispatchMode):
+    """FLOPs of the operators run inside this mode, by operator, with torch's FLOP formulas (matmuls,
+    convolutions, attention). Unlike torch's `FlopCounterMode` it runs every operator as it is (that
+    one decomposes operators it has no formula for, which changes the storages the memory trace sees)
+    and keeps no module hierarchy."""
+
+    def __init__(self):
+        super().__init__()
+        from torch.utils.flop_counter import flop_registry, shape_wrapper
+
+        self.formulas = {**flop_registry, **{op: shape_wrapper(f) for op, f in ATTENTION_FLOPS.items()}}
+        self.by_op: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = self.formulas.get(func._overloadpacket)
+        if formula is not None:
+            name = str(func._overloadpacket)
+            self.by_op[name] = self.by_op.get(name, 0) + int(formula(*args, **kwargs, out_val=out))
+        return out
 
 
 def _attention_flops(query, key, value, dropout_p=0.0, is_causal=False, *args, out_shape=None, **kwargs) -> int:
