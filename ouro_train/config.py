@@ -65,10 +65,11 @@ class Overlong(Enum):
     truncate = "truncate"  # cut at max_seq_len; dropped if no supervised token is left
 
 
-# Activation checkpointing granularity (the model's `set_activation_checkpointing` argument): `step`
+# Activation checkpointing policy (the model's `set_activation_checkpointing` argument): `step`
 # recomputes each recurrent step, `step+layer` also each layer inside it; `auto` is resolved before the
-# model is built to the cheapest one whose estimated peak fits the GPU (train/memory.py). Functional
-# form: the member names are the values Hydra reads from a recipe, and `step+layer` is no identifier.
+# model is built to the policy executing the fewest FLOPs whose estimated peak fits the GPU
+# (train/memory.py). Functional form: the member names are the values Hydra reads from a recipe, and
+# `step+layer` is no identifier.
 Checkpointing = Enum("Checkpointing", {name: name for name in ("none", "layer", "step", "step+layer", "auto")})
 
 # Released architectures the compute plan can size without a checkpoint (ouro_train.model.configuration).

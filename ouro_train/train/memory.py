@@ -138,7 +138,7 @@ def trace_step(model: nn.Module, shape: StepShape, keep_grads: bool = False) -> 
     as soon as it is accumulated, as ZeRO-2/3 move it into their reduce bucket (a model state of its own)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    with FakeTensorMode(allow_non_fake_inputs=True):
+    with torch.random.fork_rng(devices=[]), FakeTensorMode(allow_non_fake_inputs=True):
         model.to_empty(device="cpu")
         hooks = [] if keep_grads else [
             p.register_post_accumulate_grad_hook(_drop_grad) for p in model.parameters() if p.requires_grad
@@ -317,15 +317,25 @@ def fits(peak_bytes: int, gpu_gib: float) -> bool:
     return peak_bytes / GIB + CONTEXT_RESERVE_GIB <= gpu_gib
 
 
-def policy_table(run: RunConfig, config: OuroConfig, world_size: int) -> dict[str, dict]:
-    """Every checkpointing policy the model offers, traced at the run's shape: its `step_memory`
+def policy_table(run: RunConfig, config: OuroConfig, world_size: int,
+                 policies: tuple[str, ...] = CHECKPOINT_GRANULARITIES) -> dict[str, dict]:
+    """The checkpointing policies the model offers, traced at the run's shape: each one's `step_memory`
     (bytes, `executed_flops_per_token`) plus `model_flops_per_token` (MFU's count, no recomputation)."""
     model_flops = training_flops_per_token(config, run.data.max_seq_len)
     table = {}
-    for policy in CHECKPOINT_GRANULARITIES:
+    for policy in policies:
         estimate = step_memory(config, step_shape(run, policy), run.deepspeed, world_size)
         table[policy] = dict(estimate, model_flops_per_token=model_flops)
     return table
+
+
+def resolve_auto(run: RunConfig, config: OuroConfig, world_size: int, gpu_gib: float) -> tuple[str, dict[str, dict]]:
+    """`auto` for a run about to train: (the chosen policy, the policies traced). `none` recomputes
+    nothing, so no policy executes fewer FLOPs: when it fits, the others need no trace."""
+    table = policy_table(run, config, world_size, policies=("none",))
+    if not fits(table["none"]["peak"], gpu_gib):
+        table = policy_table(run, config, world_size)
+    return choose_checkpointing(table, gpu_gib), table
 
 
 def choose_checkpointing(table: dict[str, dict], gpu_gib: float) -> str:

@@ -198,8 +198,7 @@ class Trainer:
         if policy == "auto":
             gib = (torch.cuda.get_device_properties(self.device).total_memory / memory.GIB if on_gpu
                    else self.cfg.plan.gpu_memory_gib)
-            table = memory.policy_table(self.cfg, config, self.world)
-            policy = memory.choose_checkpointing(table, gib)
+            policy, table = memory.resolve_auto(self.cfg, config, self.world, gib)
             self._log(memory.explain_choice(table, policy, gib))
             self.executed_flops_per_token = table[policy]["executed_flops_per_token"]
         elif on_gpu:

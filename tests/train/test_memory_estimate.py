@@ -6,6 +6,8 @@ every allocation and free of the step (the allocator reports each to it), a diff
 estimator's fake-tensor trace. At real layer widths the parameters are large next to the
 activations, so counting a view of a weight as an allocation shows there."""
 
+import json
+
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -155,7 +157,7 @@ def test_zero_stages_partition_the_model_states_as_deepspeed_does():
 
 def test_dry_run_plans_memory_and_auto_checkpointing(tmp_path):
     from ouro_train.train import memory
-    from ouro_train.train.plan import compute_plan, write_plan
+    from ouro_train.train.plan import compute_plan, format_compute_plan, write_plan
     from ouro_train.train.trainable import architecture
 
     def run(gib: float):
@@ -172,6 +174,14 @@ def test_dry_run_plans_memory_and_auto_checkpointing(tmp_path):
     assert roomy["checkpointing"] == "none"
     written = write_plan(roomy, str(tmp_path)).read_text()
     assert '"peak_gib"' in written and '"components"' in written and '"time"' in written and '"fits"' in written
+    # Every policy with its peak, model and executed FLOPs; the chosen one's executed FLOPs set the time.
+    policies = json.loads(written)["policies"]
+    assert list(policies) == list(CHECKPOINT_GRANULARITIES)
+    for row in policies.values():
+        assert row["executed_over_model_flops"] == row["executed_flops_per_token"] / row["model_flops_per_token"] > 1
+    assert roomy["time"]["hardware_flops_per_token"] == policies["none"]["executed_flops_per_token"]
+    shown = format_compute_plan(roomy)
+    assert "checkpointing policies" in shown and all(f"  {policy} " in shown for policy in policies)
 
     # The longest length that fits: its own estimate fits, 512 tokens more does not.
     longest = roomy["memory"]["longest_max_seq_len"]
