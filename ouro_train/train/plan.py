@@ -50,13 +50,15 @@ def compute_plan(cfg: RunConfig) -> dict:
     train_tokens = steps * sequences_per_step * cfg.data.max_seq_len * PACKING_EFFICIENCY
 
     checkpointing = cfg.model.checkpointing.value
-    table = None
-    if cfg.plan.estimate_memory or checkpointing == "auto":
-        table = memory.policy_table(cfg, config, cfg.plan.gpus)
-    if checkpointing == "auto":
+    table = memory.policy_table(cfg, config, cfg.plan.gpus) if cfg.plan.estimate_memory else None
+    if table is not None and checkpointing == "auto":
         checkpointing = memory.choose_checkpointing(table, cfg.plan.gpu_memory_gib)
-    executed = table[checkpointing]["executed_flops_per_token"] if table else None
-    time = time_plan(cfg, config, checkpointing, executed)
+    if table is not None:
+        executed = table[checkpointing]["executed_flops_per_token"]
+    else:  # the closed form; `auto` unresolved without the trace: timed as if nothing were recomputed
+        executed = hardware_flops_per_token(config, cfg.data.max_seq_len,
+                                            "none" if checkpointing == "auto" else checkpointing)
+    time = time_plan(cfg, config, executed)
     seconds = train_tokens / (cfg.plan.gpus * time["tok_per_s_per_gpu"])
     plan = {
         "examples_per_epoch": examples,
@@ -102,12 +104,11 @@ def memory_plan(cfg: RunConfig, config, checkpointing: str, estimate: dict) -> d
     }
 
 
-def time_plan(cfg: RunConfig, config, checkpointing: str, executed_flops: float | None = None) -> dict:
-    """Tokens per second per GPU: `plan.tok_per_s_per_gpu` when given, else from the executed FLOPs
-    per token (`executed_flops`, traced; else the closed form for `checkpointing`)."""
+def time_plan(cfg: RunConfig, config, hardware_flops: float) -> dict:
+    """Tokens per second per GPU: `plan.tok_per_s_per_gpu` when given, else from the FLOPs executed
+    per token (`hardware_flops`: recomputation included)."""
     seq = cfg.data.max_seq_len
     model_flops = training_flops_per_token(config, seq)
-    hardware_flops = executed_flops or hardware_flops_per_token(config, seq, checkpointing)
     if cfg.plan.tok_per_s_per_gpu is not None:
         return {"tok_per_s_per_gpu": cfg.plan.tok_per_s_per_gpu, "source": "plan.tok_per_s_per_gpu"}
     peak = peak_bf16_flops(cfg.plan.gpu)
@@ -165,7 +166,10 @@ def format_compute_plan(plan: dict) -> str:
         f"optimizer steps       {plan['optimizer_steps']:>16,}",
         f"training tokens       {plan['training_tokens']:>16,.0f}",
         f"checkpointing         {plan['checkpointing']:>16}"
-        + ("   (auto: the fewest executed FLOPs that fit)" if plan.get("checkpointing_requested") == "auto" else ""),
+        + ("   (auto: the fewest executed FLOPs that fit)" if plan.get("checkpointing_requested") == "auto"
+           and plan["checkpointing"] != "auto" else "")
+        + ("   (not resolved without plan.estimate_memory; timed without recomputation)"
+           if plan["checkpointing"] == "auto" else ""),
         *([f"sequence parallel     {plan['sequence_parallel_size']:>16}   ranks per row "
            f"({plan['data_parallel_size']} data-parallel groups; S/{plan['sequence_parallel_size']} tokens per GPU "
            "outside attention)"] if plan.get("sequence_parallel_size", 1) > 1 else []),
