@@ -45,7 +45,8 @@ def main() -> None:
         for seq, sp in cases:
             table = {}
             for policy in CHECKPOINT_GRANULARITIES:
-                m = step_memory(config, StepShape(seq_len=seq, checkpointing=policy, sequence_parallel=sp), ds, args.gpus)
+                shape = StepShape(seq_len=seq, checkpointing=policy, sequence_parallel=sp)
+                m = step_memory(config, shape, ds, args.gpus)
                 table[policy] = dict(peak=m["peak"], executed_flops_per_token=m["executed_flops_per_token"],
                                      model_flops_per_token=training_flops_per_token(config, seq))
                 rows.append(dict(size=size, seq=seq, sp=sp, policy=policy, peak_gib=m["peak"] / GIB,
@@ -58,7 +59,8 @@ def main() -> None:
                 rows.append(dict(size=size, seq=seq, sp=sp, auto_at_gib=gib, policy=choose_checkpointing(table, gib),
                                  fits=any(fits(r["peak"], gib) for r in table.values())))
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(dict(gpus=args.gpus, zero=args.zero, baseline=BASELINE, rows=rows), indent=2) + "\n")
+    record = dict(gpus=args.gpus, zero=args.zero, baseline=BASELINE, rows=rows)
+    args.json.write_text(json.dumps(record, indent=2) + "\n")
     print(f"\nZeRO-{args.zero}, {args.gpus} GPUs, micro-batch 1, bf16, expected_logits; peak GiB per GPU "
           f"(+1.5 GiB CUDA context) and executed ÷ model FLOPs; baseline {BASELINE} ({args.json})")
     policies = "".join(f"{p:>20}" for p in CHECKPOINT_GRANULARITIES)

@@ -386,7 +386,8 @@ class ComputePlanConfig:
     tok_per_s_per_gpu: Optional[float] = None
     # Mean tokens per example, used where the data is not local (hub sources of the thinking mix).
     tokens_per_example: float = 4000.0
-    estimate_memory: bool = True  # trace one step of the model (seconds for a 1.4B model at 32K on a CPU)
+    # Trace one step per checkpointing policy (about a minute each for a 1.4B model on a CPU).
+    estimate_memory: bool = True
 
     def check(self, at: str) -> None:
         _require(self.gpus >= 1, f"{at}.gpus", f"must be >= 1, got {self.gpus}")

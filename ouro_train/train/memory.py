@@ -4,17 +4,17 @@
 
 - **Activations** are traced, not modelled: one real forward + objective + backward of our model (with
   the recipe's checkpointing, objective and LoRA) runs under `FakeTensorMode`, so tensors carry shapes
-  and dtypes but no data, and torch's `MemTracker` follows every storage as it is created and freed.
-  A 1.4B model at 32K tokens traces in seconds on a CPU. Under sequence parallelism the trace is of
-  one rank of the group: S/N tokens through embeddings, norms, MLPs, gate and loss, and attention on all
-  S tokens for H/N heads, with an all-to-all stand-in that creates the same buffers (one rank's
-  exchange with itself: shapes, not data, matter here). The trace runs on fake *CPU* tensors: the
+  and dtypes but no data, and `StoragePeak` follows every storage as it is created and freed. A 1.4B
+  model traces in about a minute per policy on a CPU (the op count, not the length, sets it). Under
+  sequence parallelism the trace is of one rank of the group: S/N tokens through embeddings, norms,
+  MLPs, gate and loss, and attention on all S tokens for H/N heads, with an all-to-all stand-in that
+  creates the same buffers (one rank's exchange with itself: shapes, not data, matter here). The trace runs on fake *CPU* tensors: the
   CPU-only torch build cannot run autograd on fake CUDA tensors. Causal SDPA picks a flash kernel on
   both devices (output + log-sum-exp per query), so the activations are the same tensors the GPU holds.
   Only storages an operator creates count: a view of a parameter (`w.t()` inside `F.linear`) or of
   any other existing storage is no allocation.
-- **Executed FLOPs** come from the same trace: torch's FLOP counter over the forward, the recomputed
-  forwards of the checkpointing policy, the backward, the objective and its metrics. Causal attention
+- **Executed FLOPs** come from the same trace: torch's FLOP formulas (`FlopCount`) over the forward,
+  the recomputed forwards of the checkpointing policy, the backward, the objective and its metrics. Causal attention
   counts half of the S × S products, as flash kernels skip the masked blocks.
 - **Model states** follow DeepSpeed's ZeRO partitioning over the data-parallel world: bf16 parameters
   and gradients; fp32 master weights and Adam's two moments for the trainable parameters (fp32 training:

@@ -7,12 +7,13 @@ the real figure and the packing efficiency once the data is prepared).
 
 Memory per GPU and executed FLOPs per token: `train/memory.py` (one step traced on fake tensors for
 every checkpointing policy + ZeRO's partitioning of the model states), for `plan.gpus` ranks; the plan
-lists each policy's peak and executed ÷ model FLOPs, and `auto` takes the cheapest that fits. With `parallel.sequence_parallel_size=N` the batch counts rows over
-plan.gpus / N data-parallel groups, each GPU holds S/N tokens of its row (attention: all S for H/N
-heads), and ZeRO still partitions over all plan.gpus. Time: tokens per second per GPU = the GPU's bf16 peak × the hardware
-FLOPs utilization of the last recorded benchmark (`bench/results/*.json`) ÷ the executed FLOPs per
-token of this configuration (the traced count; the closed form of `model/flops.py` without the trace). The whole plan is written to
-`output_dir/plan.json`.
+lists each policy's peak and executed ÷ model FLOPs, and `auto` takes the cheapest that fits. With
+`parallel.sequence_parallel_size=N` the batch counts rows over plan.gpus / N data-parallel groups, each
+GPU holds S/N tokens of its row (attention: all S for H/N heads), and ZeRO still partitions over all
+plan.gpus. Time: tokens per second per GPU = the GPU's bf16 peak × the hardware FLOPs utilization of
+the last recorded benchmark (`bench/results/*.json`) ÷ the executed FLOPs per token of this
+configuration (the traced count; the closed form of `model/flops.py` without the trace). The whole
+plan is written to `output_dir/plan.json`.
 """
 
 from __future__ import annotations
