@@ -142,6 +142,7 @@ class Trainer:
             wandb_cfg=cfg.wandb, run_config=to_plain_dict(cfg),
         )
         self._stop_signal: int | None = None
+        self._step_losses = True  # set per optimizer step
         self._last_save = time.monotonic()  # checkpoint.every_n_minutes counts from here
 
     # ----------------------------------------------------------------------------------- set-up
@@ -300,9 +301,9 @@ class Trainer:
         scale = self.grad_accum * self.world / supervised  # all `world` ranks, with or without SP (see above)
         lr = self.engine.get_lr()[0]
         sums: dict[str, torch.Tensor] = {}  # on the device: one host sync per step, not per micro-batch
-        step_losses = self.state.step % self.cfg.train.log_every == 0  # logged as step state.step + 1
+        self._step_losses = self.state.step % self.cfg.train.log_every == 0  # logged as step state.step + 1
         for i, mb in enumerate(micro_batches):
-            obj = self._forward(mb, step_losses)
+            obj = self._forward(mb)
             self.engine.backward(obj.loss_sum * scale)
             for key, value in itertools.chain([("loss", obj.loss_sum)], obj.metric_sums.items()):
                 sums[key] = sums.get(key, 0.0) + value.detach().double()
@@ -347,9 +348,10 @@ class Trainer:
         supervised = int((self.sp.shard_labels(mb["labels"])[:, 1:] != IGNORE_INDEX).sum())
         return supervised, mb["num_tokens"] if self.sp.rank == 0 else 0
 
-    def _forward(self, mb: dict, step_losses: bool = True):
+    def _forward(self, mb: dict):
+        """The micro-batch's forward and objective; every step's loss on logging steps (`train.log_every`)."""
         return trainable.micro_batch_objective(self.engine, self.lm_head, mb, self.cfg.objective, self.device,
-                                               sequence_parallel=self.sp, step_losses=step_losses)
+                                               sequence_parallel=self.sp, step_losses=self._step_losses)
 
     def _collective_flags(self) -> tuple[bool, bool]:
         """(a rank was signalled to stop, a rank's clock says a checkpoint is due), the same on every rank:

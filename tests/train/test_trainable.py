@@ -44,7 +44,7 @@ def test_the_plan_traces_the_step_the_trainer_runs(calls):
 
     calls.clear()
     trainer = SimpleNamespace(cfg=run, engine=model, lm_head=model.get_output_embeddings(), sp=None,
-                              device=torch.device("cpu"))
+                              device=torch.device("cpu"), _step_losses=True)
     ids = torch.randint(0, config.vocab_size, (1, 32))
     mb = {"input_ids": ids, "labels": ids, "position_ids": None, "attention_mask": None}
     trained = Trainer._forward(trainer, mb)
