@@ -85,17 +85,17 @@ def step_memory(config: OuroConfig, shape: StepShape, ds: DeepSpeedConfig, world
     from the same trace. `trace` reuses an earlier trace of the same shape and ZeRO stage (the trace
     does not depend on the world size); `trace` in the result is the one used."""
     model = meta_model(config, shape)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     largest_module = max(p.numel() for p in model.parameters())  # embedding / head: the largest gathered module
-    states = model_state_bytes(total, trainable, largest_module, ds, world_size, shape.bf16)
+    states = model_state_bytes(total, trained, largest_module, ds, world_size, shape.bf16)
     # Below stage 2 every gradient is kept whole, so it appears during backward while activations are
     # freed: trace them together. From stage 2 on they pass through a preallocated partition.
     whole_grads = ds.zero_stage < 2
     if trace is None:
         trace = trace_step(model, shape, keep_grads=whole_grads)
     activations = max(0, trace.activation_bytes - states["gradients"]) if whole_grads else trace.activation_bytes
-    step_temporaries = 4 * _shard(trainable, world_size if ds.zero_stage >= 1 else 1) if shape.bf16 else 0
+    step_temporaries = 4 * _shard(trained, world_size if ds.zero_stage >= 1 else 1) if shape.bf16 else 0
     states["activations"] = activations
     states["peak"] = sum(states.values()) - activations + max(activations, step_temporaries)
     states["executed_flops_per_token"] = trace.executed_flops / shape.tokens

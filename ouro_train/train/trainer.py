@@ -127,9 +127,9 @@ class Trainer:
         model = self._build_model()
         self.engine = self._build_engine(model)
         self.lm_head = self.engine.module.get_output_embeddings()
-        trainable, total = count_parameters(self.engine.module)
-        self.trainable_params = trainable
-        self._log(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)")
+        trained, total = count_parameters(self.engine.module)
+        self.trainable_params = trained
+        self._log(f"parameters: {trained:,} trainable of {total:,} ({100 * trained / total:.2f}%)")
         if self.device.type == "cuda" and peak_bf16_flops(torch.cuda.get_device_name(self.device)) is None:
             self._log(f"no bf16 peak FLOP/s known for {torch.cuda.get_device_name(self.device)!r}: MFU is not logged")
 
