@@ -70,9 +70,9 @@ class Overlong(Enum):
 # ouro_train/model/checkpointing.py, which lists the same names): `layer` checkpoints each layer
 # application, `step` each recurrent step, `step+layer` both; `:save_attn` / `:save_matmul` keep the
 # attention / every matmul output of a layer checkpoint and recompute the rest; `layer/k` checkpoints one
-# layer application in k. `auto` is resolved before the model is built to the cheapest policy whose
-# estimated peak fits the GPU (train/memory.py). Functional form: the member names are the values Hydra
-# reads from a recipe, and `step+layer` is no identifier.
+# layer application in k. `auto` is resolved before the model is built to the policy executing the
+# fewest FLOPs whose estimated peak fits the GPU (train/memory.py). Functional form: the member names
+# are the values Hydra reads from a recipe, and `step+layer` is no identifier.
 Checkpointing = Enum("Checkpointing", {name: name for name in (
     "none", "layer/4", "layer/2", "layer:save_matmul", "layer:save_attn", "layer", "step",
     "step+layer:save_matmul", "step+layer:save_attn", "step+layer", "auto")})
@@ -237,6 +237,10 @@ class TrainConfig:
     global_batch_tokens: Optional[int] = None
     epochs: float = 1.0  # passes over the prepared training rows (max_steps wins when set)
     max_bad_steps: int = 3  # non-finite losses in a row before the run stops
+    # The loss of every recurrent step (`loss_step{t}`) is logged on steps 1, 1 + N, 1 + 2N, ...: each
+    # step the objective does not use itself costs a vocabulary projection of every token. The other
+    # steps log the loss and the exit statistics (free) and the per-step losses the objective computes.
+    log_every: int = 1
 
     def check(self, at: str) -> None:
         _require(self.micro_batch_size >= 1, f"{at}.micro_batch_size", f"must be >= 1, got {self.micro_batch_size}")
@@ -247,6 +251,7 @@ class TrainConfig:
             _require(value is None or value >= 1, f"{at}.{name}", f"must be >= 1, got {value}")
         _require(self.epochs > 0, f"{at}.epochs", f"must be > 0, got {self.epochs}")
         _require(self.max_bad_steps >= 1, f"{at}.max_bad_steps", f"must be >= 1, got {self.max_bad_steps}")
+        _require(self.log_every >= 1, f"{at}.log_every", f"must be >= 1, got {self.log_every}")
 
 
 @dataclass
@@ -436,7 +441,8 @@ class ComputePlanConfig:
     tok_per_s_per_gpu: Optional[float] = None
     # Mean tokens per example, used where the data is not local (hub sources of the thinking mix).
     tokens_per_example: float = 4000.0
-    estimate_memory: bool = True  # trace one step of the model (seconds for a 1.4B model at 32K on a CPU)
+    # Trace one step per checkpointing policy (about a minute each for a 1.4B model on a CPU).
+    estimate_memory: bool = True
 
     def check(self, at: str) -> None:
         _require(self.gpus >= 1, f"{at}.gpus", f"must be >= 1, got {self.gpus}")

@@ -1,5 +1,10 @@
-"""Training FLOPs of an Ouro model and the devices' peak FLOP/s, for MFU: the same accounting in the
-benchmarks and the trainer."""
+"""Training FLOPs of an Ouro model and the devices' peak FLOP/s, for MFU and HFU: the same accounting
+in the benchmarks, the trainer and the dry run's plan.
+
+MFU counts the model FLOPs (forward + backward, no recomputation); HFU the FLOPs executed, which the
+dry run counts with torch's FLOP counter over a traced step (train/memory.py) for any checkpointing
+policy. `hardware_flops_per_token` is the closed form of that count for the whole-layer/step policies.
+"""
 
 from __future__ import annotations
 
@@ -35,6 +40,13 @@ def model_flops_utilization(tok_per_s: float, config: OuroConfig, seq_len: int, 
     """Training tokens/s of one device as a fraction of its bf16 peak (None: device not in the table)."""
     peak = peak_bf16_flops(device_name)
     return None if peak is None else tok_per_s * training_flops_per_token(config, seq_len) / peak
+
+
+def hardware_flops_utilization(tok_per_s: float, executed_flops_per_token: float, device_name: str) -> float | None:
+    """HFU: the FLOPs the device executes (recomputation included; the dry run's traced count) per
+    second as a fraction of its bf16 peak, beside MFU's model FLOPs (None: device not in the table)."""
+    peak = peak_bf16_flops(device_name)
+    return None if peak is None else tok_per_s * executed_flops_per_token / peak
 
 
 def training_flops_per_token(config: OuroConfig, seq_len: int) -> float:

@@ -15,7 +15,10 @@ ranks), so the result does not depend on how a batch is split.
                      step's λ never enters the exit distribution, so it cannot be the one meant).
 
 Every objective also reports, as sums over supervised tokens, the cross-entropy of each step
-(`loss_step{t}`, 1-based), the mean exit step and the exit entropy.
+(`loss_step{t}`, 1-based), the mean exit step and the exit entropy. A step's cross-entropy that the
+objective does not use itself costs a vocabulary projection of every token (2 · vocab · d FLOPs per
+token and step): with `step_losses=False` only those the objective computes anyway are reported (the
+trainer asks for all of them every `train.log_every` steps).
 
 Memory: everything is computed on the supervised positions only, and the vocabulary projection runs in
 chunks of `loss_chunk_tokens` tokens, each recomputed in the backward pass, so no [tokens, vocab]
@@ -43,22 +46,24 @@ class ObjectiveOutput:
     metric_sums: dict[str, torch.Tensor] = field(default_factory=dict)  # detached sums over supervised tokens
 
 
-def compute_objective(cfg: ObjectiveConfig, out, labels: torch.Tensor, lm_head: nn.Module) -> ObjectiveOutput:
+def compute_objective(cfg: ObjectiveConfig, out, labels: torch.Tensor, lm_head: nn.Module,
+                      step_losses: bool = True) -> ObjectiveOutput:
     """`out` is an `OuroCausalLMOutput` of a forward without labels (step states + gate logits);
-    `labels` are aligned with the inputs (-100 = not supervised); position i predicts token i+1."""
+    `labels` are aligned with the inputs (-100 = not supervised); position i predicts token i+1.
+    `step_losses=False`: report only the per-step losses the objective computes for itself."""
     mask, targets = supervised_targets(labels)  # targets [N]
     states = [at_supervised(h, mask) for h in out.step_hidden_states]  # T × [N, d]
     gate_logits = at_supervised(out.gate_logits, mask).float()  # [N, T]
     pdf = exit_pdf(gate_logits)  # fp32 for the loss terms and statistics
     steps = len(states)
 
-    # Per-step CE is always reported; it carries gradient only where the objective uses it.
+    # Per-step CE carries gradient only where the objective uses it; the gate's target needs every step's.
     grad_steps = {Objective.expected_loss: set(range(steps)), Objective.final_step: {steps - 1}}.get(cfg.name, set())
-    step_ce = []
-    for t, h in enumerate(states):
+    needed = set(range(steps)) if step_losses or cfg.name == Objective.gate else grad_steps
+    step_ce = {}
+    for t in sorted(needed):
         with torch.set_grad_enabled(torch.is_grad_enabled() and t in grad_steps):
-            step_ce.append(chunked_cross_entropy(lm_head, h, targets, cfg.loss_chunk_tokens))
-    step_ce = torch.stack(step_ce, dim=-1)  # [N, T]
+            step_ce[t] = chunked_cross_entropy(lm_head, states[t], targets, cfg.loss_chunk_tokens)
 
     if cfg.name == Objective.expected_logits:
         # The mixture is formed in the activation dtype with the model-dtype pdf, as upstream forms its logits.
@@ -68,13 +73,14 @@ def compute_objective(cfg: ObjectiveConfig, out, labels: torch.Tensor, lm_head: 
             mixture = mixture + states[t] * pdf_model[:, t : t + 1]
         per_token = chunked_cross_entropy(lm_head, mixture, targets, cfg.loss_chunk_tokens)
     elif cfg.name == Objective.expected_loss:
-        per_token = (pdf * step_ce).sum(-1) - cfg.entropy_beta * exit_entropy(pdf)
+        per_token = (pdf * torch.stack([step_ce[t] for t in range(steps)], dim=-1)).sum(-1) \
+            - cfg.entropy_beta * exit_entropy(pdf)
     elif cfg.name == Objective.final_step:
-        per_token = step_ce[:, -1]
+        per_token = step_ce[steps - 1]
     else:
-        per_token = _gate_loss(gate_logits, step_ce.detach(), cfg)
+        per_token = _gate_loss(gate_logits, torch.stack([step_ce[t] for t in range(steps)], dim=-1).detach(), cfg)
 
-    metric_sums = {f"loss_step{t + 1}": step_ce[:, t].detach().sum() for t in range(steps)}
+    metric_sums = {f"loss_step{t + 1}": ce.detach().sum() for t, ce in step_ce.items()}
     metric_sums["exit_mean_step"], metric_sums["exit_entropy"] = exit_statistic_sums(pdf.detach())
     loss_sum = per_token.sum()
     if targets.numel() == 0:  # nothing supervised here: a zero that still reaches the graph for backward

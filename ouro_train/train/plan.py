@@ -5,13 +5,15 @@ tokens when it exists, else every valid row counted and a sample of each source 
 examples come from the sources' `count`s (the thinking mix names every count), and tokens are examples ×
 `plan.tokens_per_example` (an estimate: `ouro-prepare` reports the real figure once the data is prepared).
 
-Memory per GPU: `train/memory.py` (one step traced on fake tensors + ZeRO's partitioning of the model
-states), for `plan.gpus` ranks. With `parallel.sequence_parallel_size=N` the batch counts rows over
-plan.gpus / N data-parallel groups, each GPU holds S/N tokens of its row (attention: all S for H/N
-heads), and ZeRO still partitions over all plan.gpus. Time: tokens per second per GPU = the GPU's bf16 peak × the hardware
-FLOPs utilization of the last recorded benchmark (`bench/results/*.json`) ÷ the hardware FLOPs per
-token of this configuration (recomputation included). The whole plan is written to
-`output_dir/plan.json`.
+Memory per GPU and executed FLOPs per token: `train/memory.py` (one step traced on fake tensors for
+every checkpointing policy + ZeRO's partitioning of the model states), for `plan.gpus` ranks; the plan
+lists each policy's peak and executed ÷ model FLOPs, and `auto` takes the cheapest that fits. With
+`parallel.sequence_parallel_size=N` the batch counts rows over plan.gpus / N data-parallel groups, each
+GPU holds S/N tokens of its row (attention: all S for H/N heads), and ZeRO still partitions over all
+plan.gpus. Time: tokens per second per GPU = the GPU's bf16 peak × the hardware FLOPs utilization of
+the last recorded benchmark (`bench/results/*.json`) ÷ the executed FLOPs per token of this
+configuration (the traced count; the closed form of `model/flops.py` without the trace). The whole
+plan is written to `output_dir/plan.json`.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 
 from ouro_train.config import REPO_ROOT, RunConfig
 from ouro_train.model.flops import hardware_flops_per_token, peak_bf16_flops, training_flops_per_token
-from ouro_train.train import memory
+from ouro_train.train import memory, trainable
 from ouro_train.train.batch import batch_geometry, total_steps
 from ouro_train.train.engine import check_sequence_parallel
 
@@ -45,7 +47,7 @@ def compute_plan(cfg: RunConfig) -> dict:
         rows_per_epoch = math.ceil(tokens_per_epoch / (cfg.data.max_seq_len * PACKING_EFFICIENCY))
         basis = "examples × plan.tokens_per_example"
     sp = cfg.parallel.sequence_parallel_size
-    config = memory.planned_model_config(cfg)
+    config = trainable.architecture(cfg, planning=True)
     if sp > 1:
         check_sequence_parallel(sp, cfg.plan.gpus, config.num_attention_heads, config.num_key_value_heads)
     geometry = batch_geometry(cfg.train, cfg.data.max_seq_len, cfg.plan.gpus // sp)
@@ -54,9 +56,15 @@ def compute_plan(cfg: RunConfig) -> dict:
     train_tokens = steps * sequences_per_step * cfg.data.max_seq_len * PACKING_EFFICIENCY
 
     checkpointing = cfg.model.checkpointing.value
-    if checkpointing == "auto":
-        checkpointing = memory.choose_checkpointing(cfg, config, cfg.plan.gpus, cfg.plan.gpu_memory_gib)
-    time = time_plan(cfg, config, checkpointing)
+    table = memory.policy_table(cfg, config, cfg.plan.gpus) if cfg.plan.estimate_memory else None
+    if table is not None and checkpointing == "auto":
+        checkpointing = memory.choose_checkpointing(table, cfg.plan.gpu_memory_gib)
+    if table is not None:
+        executed = table[checkpointing]["executed_flops_per_token"]
+    else:  # the closed form; `auto` unresolved without the trace: timed as if nothing were recomputed
+        executed = hardware_flops_per_token(config, cfg.data.max_seq_len,
+                                            "none" if checkpointing == "auto" else checkpointing)
+    time = time_plan(cfg, config, executed)
     seconds = train_tokens / (cfg.plan.gpus * time["tok_per_s_per_gpu"])
     plan = {
         "examples_per_epoch": examples,
@@ -72,10 +80,13 @@ def compute_plan(cfg: RunConfig) -> dict:
         "sequence_parallel_size": sp,
         "data_parallel_size": cfg.plan.gpus // sp,
         "checkpointing": checkpointing,
+        "checkpointing_requested": cfg.model.checkpointing.value,
         "time": dict(time, wall_hours=seconds / 3600, gpu_hours=seconds * cfg.plan.gpus / 3600),
     }
+    if table is not None:
+        plan["policies"] = {policy: policy_row(row, cfg.plan.gpu_memory_gib) for policy, row in table.items()}
     if cfg.plan.estimate_memory:
-        plan["memory"] = memory_plan(cfg, config, checkpointing)
+        plan["memory"] = memory_plan(cfg, config, checkpointing, table[checkpointing])
     return plan
 
 
@@ -89,13 +100,22 @@ def _count_local_data(cfg: RunConfig):
     return count_local_train_data(cfg.data, load_tokenizer(cfg.model, cfg.data.cache_dir), PACKING_EFFICIENCY)
 
 
-def memory_plan(cfg: RunConfig, config, checkpointing: str) -> dict:
-    estimate = memory.step_memory(config, memory.step_shape(cfg, checkpointing), cfg.deepspeed, cfg.plan.gpus)
+def policy_row(row: dict, gpu_gib: float) -> dict:
+    return {
+        "peak_gib": row["peak"] / memory.GIB,
+        "model_flops_per_token": row["model_flops_per_token"],
+        "executed_flops_per_token": row["executed_flops_per_token"],
+        "executed_over_model_flops": row["executed_flops_per_token"] / row["model_flops_per_token"],
+        "fits": memory.fits(row["peak"], gpu_gib),
+    }
+
+
+def memory_plan(cfg: RunConfig, config, checkpointing: str, estimate: dict) -> dict:
     longest = memory.longest_seq_len(config, cfg, checkpointing, cfg.plan.gpus, cfg.plan.gpu_memory_gib, estimate)
     positions = config.max_position_embeddings  # no longer rows than the model has positions, whatever fits
     return {
         "peak_gib": estimate["peak"] / memory.GIB,
-        "components": {k: v / memory.GIB for k, v in estimate.items() if k != "peak"},
+        "components": {k: estimate[k] / memory.GIB for k in memory.COMPONENTS},
         "fits": {card: memory.fits(estimate["peak"], gib) for card, gib in memory.CARDS_GIB.items()},
         "gpu_memory_gib": cfg.plan.gpu_memory_gib,
         "longest_max_seq_len": min(longest, positions),
@@ -103,11 +123,11 @@ def memory_plan(cfg: RunConfig, config, checkpointing: str) -> dict:
     }
 
 
-def time_plan(cfg: RunConfig, config, checkpointing: str) -> dict:
-    """Tokens per second per GPU: `plan.tok_per_s_per_gpu` when given, else from FLOPs."""
+def time_plan(cfg: RunConfig, config, hardware_flops: float) -> dict:
+    """Tokens per second per GPU: `plan.tok_per_s_per_gpu` when given, else from the FLOPs executed
+    per token (`hardware_flops`: recomputation included)."""
     seq = cfg.data.max_seq_len
     model_flops = training_flops_per_token(config, seq)
-    hardware_flops = hardware_flops_per_token(config, seq, checkpointing)
     if cfg.plan.tok_per_s_per_gpu is not None:
         return {"tok_per_s_per_gpu": cfg.plan.tok_per_s_per_gpu, "source": "plan.tok_per_s_per_gpu"}
     peak = peak_bf16_flops(cfg.plan.gpu)
@@ -164,18 +184,35 @@ def format_compute_plan(plan: dict) -> str:
         f"batch                 {plan['sequences_per_step']:>16,} sequences = {plan['tokens_per_step']:,} tokens",
         f"optimizer steps       {plan['optimizer_steps']:>16,}",
         f"training tokens       {plan['training_tokens']:>16,.0f}",
-        f"checkpointing         {plan['checkpointing']:>16}",
+        f"checkpointing         {plan['checkpointing']:>16}"
+        + ("   (auto: the fewest executed FLOPs that fit)" if plan.get("checkpointing_requested") == "auto"
+           and plan["checkpointing"] != "auto" else "")
+        + ("   (not resolved without plan.estimate_memory; timed without recomputation)"
+           if plan["checkpointing"] == "auto" else ""),
         *([f"sequence parallel     {plan['sequence_parallel_size']:>16}   ranks per row "
            f"({plan['data_parallel_size']} data-parallel groups; S/{plan['sequence_parallel_size']} tokens per GPU "
            "outside attention)"] if plan.get("sequence_parallel_size", 1) > 1 else []),
         f"throughput            {t['tok_per_s_per_gpu']:>16,.0f} tok/s per GPU × {plan['gpus']} GPUs",
     ]
     if "mfu" in t:
-        lines.append(f"                      {'':>16}   MFU {t['mfu']:.1%} (hardware {t['hardware_flops_utilization']:.1%}"
-                     f" incl. recomputation) × {t['peak_flops'] / 1e12:,.0f} TFLOP/s; from {t['source']}")
+        lines.append(f"                      {'':>16}   MFU {t['mfu']:.1%} (HFU {t['hardware_flops_utilization']:.1%}:"
+                     f" executed FLOPs) × {t['peak_flops'] / 1e12:,.0f} TFLOP/s; from {t['source']}")
     lines.append(f"wall time             {t['wall_hours']:>16,.1f} h   ({t['gpu_hours']:,.0f} GPU-hours)")
+    if "policies" in plan:
+        lines += ["", format_policies(plan)]
     if "memory" in plan:
         lines += ["", format_memory(plan["memory"], plan["gpus"])]
+    return "\n".join(lines)
+
+
+def format_policies(plan: dict) -> str:
+    lines = ["checkpointing policies (per GPU; FLOPs per token: model = MFU's count, executed = traced)",
+             f"  {'policy':<14}{'peak GiB':>9}{'model GFLOP':>13}{'executed GFLOP':>16}{'ratio':>8}  fits"]
+    for policy, row in plan["policies"].items():
+        mark = "  <- chosen" if policy == plan["checkpointing"] else ""
+        lines.append(f"  {policy:<14}{row['peak_gib']:>9.2f}{row['model_flops_per_token'] / 1e9:>13.2f}"
+                     f"{row['executed_flops_per_token'] / 1e9:>16.2f}{row['executed_over_model_flops']:>8.3f}"
+                     f"  {'yes' if row['fits'] else 'no'}{mark}")
     return "\n".join(lines)
 
 

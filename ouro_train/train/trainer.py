@@ -59,10 +59,10 @@ import torch.distributed as dist
 from ouro_train.config import ZERO3_COMPILE, ModelInit, Objective, RunConfig, to_plain_dict
 from ouro_train.data import MicroBatchLoader, load_tokenizer, prepare, split_sources
 from ouro_train.model import OuroConfig, OuroForCausalLM
-from ouro_train.model.flops import model_flops_utilization, peak_bf16_flops
+from ouro_train.model.flops import hardware_flops_utilization, model_flops_utilization, peak_bf16_flops
 from ouro_train.model.loss import IGNORE_INDEX, evaluate_loss_per_step
 from ouro_train.run_dir import RunDir
-from ouro_train.train import checkpoint, jit_ops, memory, run_lock
+from ouro_train.train import checkpoint, jit_ops, memory, run_lock, trainable
 from ouro_train.train.batch import batch_geometry, total_steps
 from ouro_train.train.engine import (
     bf16_enabled,
@@ -74,10 +74,9 @@ from ouro_train.train.engine import (
     scheduler_factory,
     sequence_parallel_group,
 )
-from ouro_train.train.lora import apply_lora, count_parameters
+from ouro_train.train.lora import count_parameters
 from ouro_train.train.metrics import MetricsLogger
 from ouro_train.train.resume_check import check_resume, optimizer_settings, reapply_optimizer_settings
-from ouro_train.train.objectives import compute_objective
 from ouro_train.train.state import TrainState
 from ouro_train.train.universal import ensure_universal
 
@@ -101,7 +100,7 @@ class Trainer:
         self._check_model_path()
         sp = cfg.parallel.sequence_parallel_size
         if sp > 1:
-            config = self._config_before_build()
+            config = trainable.architecture(cfg)
             check_sequence_parallel(sp, self.world, config.num_attention_heads, config.num_key_value_heads)
         self.sp = sequence_parallel_group(sp)
         self.dp_rank, self.dp_world = self.rank // sp, self.world // sp  # the data-parallel view of the ranks
@@ -129,12 +128,13 @@ class Trainer:
         self.resume_check = check_resume(self.resume_from, cfg, self.total_steps, self.geometry.sequences_per_step,
                                          self.train_data, log=self._log)
 
+        self.executed_flops_per_token: float | None = None  # traced with the checkpointing policy (GPU, or auto)
         model = self._build_model()
         self.engine = self._build_engine(model)
         self.lm_head = self.engine.module.get_output_embeddings()
-        trainable, total = count_parameters(self.engine.module)
-        self.trainable_params = trainable
-        self._log(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)")
+        trained, total = count_parameters(self.engine.module)
+        self.trainable_params = trained
+        self._log(f"parameters: {trained:,} trainable of {total:,} ({100 * trained / total:.2f}%)")
         if self.device.type == "cuda" and peak_bf16_flops(torch.cuda.get_device_name(self.device)) is None:
             self._log(f"no bf16 peak FLOP/s known for {torch.cuda.get_device_name(self.device)!r}: MFU is not logged")
 
@@ -147,6 +147,7 @@ class Trainer:
             wandb_cfg=cfg.wandb, run_config=to_plain_dict(cfg),
         )
         self._stop_signal: int | None = None
+        self._step_losses = True  # set per optimizer step
         self._last_save = time.monotonic()  # checkpoint.every_n_minutes counts from here
 
     # ----------------------------------------------------------------------------------- set-up
@@ -169,12 +170,6 @@ class Trainer:
             raise ValueError(f"model.path={m.path!r} is not a checkpoint directory with a config.json "
                              "(model.init=pretrained needs one; model.init=random builds a new model)")
 
-    def _config_before_build(self) -> OuroConfig:
-        """The architecture `_build_model` will build (model.path's config or the defaults, with overrides)."""
-        m = self.cfg.model
-        overrides = dict(m.config_overrides)
-        return OuroConfig.from_pretrained(m.path, **overrides) if m.path else OuroConfig(**overrides)
-
     def _build_model(self) -> torch.nn.Module:
         mcfg = self.cfg.model
         dtype = torch.bfloat16 if bf16_enabled(self.cfg.deepspeed) else torch.float32
@@ -186,42 +181,40 @@ class Trainer:
             self._hf_ds_config = HfDeepSpeedConfig(self._ds_config)
         from transformers import AutoModelForCausalLM
 
-        overrides = dict(mcfg.config_overrides)
+        config = trainable.architecture(self.cfg)
         if mcfg.init == ModelInit.pretrained:
             model = AutoModelForCausalLM.from_pretrained(
-                mcfg.path, dtype=dtype, attn_implementation=mcfg.attn_implementation.value, **overrides
+                mcfg.path, config=config, dtype=dtype, attn_implementation=mcfg.attn_implementation.value
             )
         else:
-            config = self._config_before_build()
             if config.vocab_size < len(self.tokenizer):
                 raise ValueError(f"model vocab_size {config.vocab_size} < tokenizer size {len(self.tokenizer)}")
-            config._attn_implementation = mcfg.attn_implementation.value
             torch.manual_seed(self.cfg.seed)  # identical random weights on every rank
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         if not isinstance(model, OuroForCausalLM):
             raise ValueError(f"model.path={mcfg.path} is not an Ouro checkpoint (got {type(model).__name__})")
-        model.config.use_cache = False
-        model.set_activation_checkpointing(self._checkpointing(model.config))
-        if self.cfg.compiles(self.device.type):
-            model.compile_layers()
-        elif mcfg.compile == "auto" and self.device.type == "cuda":
+        compile = self.cfg.compiles(self.device.type)
+        if mcfg.compile == "auto" and self.device.type == "cuda" and not compile:
             self._log(f"model.compile=auto: off under deepspeed.zero_stage=3 ({ZERO3_COMPILE})")
-        if self.cfg.lora.enabled:
-            model = apply_lora(model, self.cfg.lora)
-        if self.cfg.objective.name == Objective.gate:
-            for name, param in model.named_parameters():
-                param.requires_grad_(name.startswith("model.early_exit_gate."))
-        return model
+        return trainable.make_trainable(model, self._checkpointing(model.config), self.cfg.lora, self.cfg.objective,
+                                        compile=compile)
 
     def _checkpointing(self, config: OuroConfig) -> str:
-        """`model.checkpointing`, with `auto` resolved for this GPU's memory (plan.gpu_memory_gib off GPU)."""
-        granularity = self.cfg.model.checkpointing.value
-        if granularity == "auto":
-            gib = (torch.cuda.get_device_properties(self.device).total_memory / memory.GIB
-                   if self.device.type == "cuda" else self.cfg.plan.gpu_memory_gib)
-            granularity = memory.choose_checkpointing(self.cfg, config, self.world, gib)
-            self._log(f"model.checkpointing=auto: {granularity} (the cheapest whose estimated peak fits {gib:.1f} GiB)")
-        return granularity
+        """`model.checkpointing`, with `auto` resolved for this GPU's memory (plan.gpu_memory_gib off GPU).
+        On a GPU the policy's executed FLOPs per token are traced too: the numerator of the logged HFU."""
+        policy = self.cfg.model.checkpointing.value
+        on_gpu = self.device.type == "cuda"
+        if policy == "auto":
+            gib = (torch.cuda.get_device_properties(self.device).total_memory / memory.GIB if on_gpu
+                   else self.cfg.plan.gpu_memory_gib)
+            policy, table = memory.resolve_auto(self.cfg, config, self.world, gib)
+            self._log(memory.explain_choice(table, policy, gib))
+            self.executed_flops_per_token = table[policy]["executed_flops_per_token"]
+        elif on_gpu:
+            shape = memory.step_shape(self.cfg, policy)
+            self.executed_flops_per_token = memory.step_memory(config, shape, self.cfg.deepspeed,
+                                                               self.world)["executed_flops_per_token"]
+        return policy
 
     def _build_engine(self, model):
         import deepspeed
@@ -321,6 +314,7 @@ class Trainer:
         scale = self.grad_accum * self.world / supervised  # all `world` ranks, with or without SP (see above)
         lr = self.engine.get_lr()[0]
         sums: dict[str, torch.Tensor] = {}  # on the device: one host sync per step, not per micro-batch
+        self._step_losses = self.state.step % self.cfg.train.log_every == 0  # logged as step state.step + 1
         for i, mb in enumerate(micro_batches):
             obj = self._forward(mb)
             self.engine.backward(obj.loss_sum * scale)
@@ -379,15 +373,9 @@ class Trainer:
         return supervised, mb["num_tokens"] if self.sp.rank == 0 else 0
 
     def _forward(self, mb: dict):
-        kwargs = {k: mb[k].to(self.device) for k in ("input_ids", "position_ids")}
-        if mb["attention_mask"] is not None:
-            kwargs["attention_mask"] = mb["attention_mask"].to(self.device)
-        labels = mb["labels"]
-        if self.sp is not None:  # whole rows in; this rank's tokens' states out, and their labels
-            kwargs["sequence_parallel"] = self.sp
-            labels = self.sp.shard_labels(labels)
-        out = self.engine(**kwargs, use_cache=False, compute_logits=False)
-        return compute_objective(self.cfg.objective, out, labels.to(self.device), self.lm_head)
+        """The micro-batch's forward and objective; every step's loss on logging steps (`train.log_every`)."""
+        return trainable.micro_batch_objective(self.engine, self.lm_head, mb, self.cfg.objective, self.device,
+                                               sequence_parallel=self.sp, step_losses=self._step_losses)
 
     def _collective_flags(self) -> tuple[bool, bool]:
         """(a rank was signalled to stop, a rank's clock says a checkpoint is due), the same on every rank:
@@ -411,10 +399,11 @@ class Trainer:
         if self.device.type != "cuda":
             return
         record["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        mfu = model_flops_utilization(record["tok_per_s"] / self.world, self._model_config(), self.cfg.data.max_seq_len,
-                                      torch.cuda.get_device_name(self.device))
+        tok_per_s, name = record["tok_per_s"] / self.world, torch.cuda.get_device_name(self.device)
+        mfu = model_flops_utilization(tok_per_s, self._model_config(), self.cfg.data.max_seq_len, name)
         if mfu is not None:  # an unknown device gets no MFU (said once at start)
             record["mfu"] = mfu
+            record["hfu"] = hardware_flops_utilization(tok_per_s, self.executed_flops_per_token, name)
 
     # ----------------------------------------------------------------------------------- eval / save
     @property

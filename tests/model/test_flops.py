@@ -9,6 +9,7 @@ from conftest import tiny_config
 from ouro_train.model import OuroForCausalLM
 from ouro_train.model.flops import (
     hardware_flops_per_token,
+    hardware_flops_utilization,
     model_flops_utilization,
     peak_bf16_flops,
     training_flops_per_token,
@@ -31,6 +32,11 @@ from ouro_train.model.flops import (
 )
 def test_peak_by_device_name(name, peak):
     assert peak_bf16_flops(name) == peak
+
+
+def test_hfu_is_tokens_times_executed_flops_over_peak():
+    assert hardware_flops_utilization(1000.0, 3e10, "NVIDIA H100 80GB HBM3") == pytest.approx(1000.0 * 3e10 / 989e12)
+    assert hardware_flops_utilization(1000.0, 3e10, "Unknown GPU") is None
 
 
 def test_mfu_is_tokens_times_flops_over_peak():

@@ -144,3 +144,17 @@ def test_no_supervised_token_gives_a_zero_loss_that_backpropagates():
     obj = compute_objective(ObjectiveConfig(), out, torch.full_like(ids, -100), model.lm_head)
     assert obj.num_tokens == 0 and obj.loss_sum.item() == 0.0
     obj.loss_sum.backward()
+
+
+@pytest.mark.parametrize("name, own_steps", [(Objective.expected_logits, []), (Objective.expected_loss, [1, 2, 3]),
+                                             (Objective.final_step, [3]), (Objective.gate, [1, 2, 3])])
+def test_without_step_losses_only_the_objectives_own_are_reported(batch, name, own_steps):
+    """A step that does not log its per-step losses computes the same loss and reports the steps' losses
+    the objective computes for itself (no extra head projection), with the same values."""
+    model, _, labels, out, _ = batch
+    full = compute_objective(ObjectiveConfig(name), out, labels, model.lm_head)
+    lean = compute_objective(ObjectiveConfig(name), out, labels, model.lm_head, step_losses=False)
+    assert torch.equal(lean.loss_sum, full.loss_sum)
+    assert sorted(k for k in lean.metric_sums if k.startswith("loss_step")) == [f"loss_step{t}" for t in own_steps]
+    for key, value in lean.metric_sums.items():
+        assert torch.equal(value, full.metric_sums[key])

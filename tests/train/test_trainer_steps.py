@@ -172,3 +172,15 @@ def test_resume_between_zero0_and_a_zero_stage_is_refused_before_loading(tmp_pat
     make(tmp_path, data_cache, "max_steps=1", "deepspeed=zero0").train()
     with pytest.raises(RuntimeError, match="ZeRO stages 1-3 only: resume with deepspeed.zero_stage=0"):
         make(tmp_path, data_cache, "max_steps=2", "deepspeed=zero2")
+
+
+def test_per_step_losses_every_log_every_steps(tmp_path, data_cache):
+    """The per-step losses the objective does not use (all of them for expected_logits) are computed on
+    steps 1, 1 + N, ...; the loss is the same on every step whether they are computed or not."""
+    make(tmp_path / "every", data_cache, "max_steps=3", "train.log_every=1", "model.checkpointing=none").train()
+    make(tmp_path / "sparse", data_cache, "max_steps=3", "train.log_every=2", "model.checkpointing=none").train()
+    every, sparse = metrics(tmp_path / "every"), metrics(tmp_path / "sparse")
+    assert ["loss_step1" in sparse[step] for step in (1, 2, 3)] == [True, False, True]
+    for step in (1, 2, 3):
+        assert sparse[step]["loss"] == every[step]["loss"] and "exit_entropy" in sparse[step]
+    assert sparse[3]["loss_step3"] == every[3]["loss_step3"]
