@@ -233,15 +233,6 @@ def _train_and_export(run) -> None:
         if trainer.is_main:
             layout = trainer.run_dir
             out = export_run(layout.root, layout.export_dir, mode="merge" if run.lora.enabled else "full",
-                             dtype=export_dtype(run), remote_code_dir=remote_code)
+                             dtype=run.export.dtype.value, remote_code_dir=remote_code)
             print(f"exported to {out}: {serving_note(layout.root, out, remote_code)}", flush=True)
         dist.barrier()
-
-
-def export_dtype(run) -> str:
-    """`export.dtype` for the export after training: `auto` is the dtype the run trained in."""
-    from ouro_train.train.engine import bf16_enabled
-
-    if run.export.dtype.value != "auto":
-        return run.export.dtype.value
-    return "bf16" if bf16_enabled(run.deepspeed) else "fp32"

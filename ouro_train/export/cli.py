@@ -44,7 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     lora = p.add_mutually_exclusive_group()
     lora.add_argument("--merge", action="store_true", help="LoRA run: merge the adapter into the base (the default)")
     lora.add_argument("--adapter-only", action="store_true", help="LoRA run: write a peft adapter directory")
-    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="auto (default): the run's export.dtype, whose own auto is the precision it trained in")
     p.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE,
                    help="split model.safetensors above this size (e.g. 5GB, 500MB)")
     p.add_argument("--remote-code", type=Path,

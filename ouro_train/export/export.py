@@ -13,6 +13,7 @@ initialised twice; LoRA merges happen in fp32 before the cast to the export dtyp
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from ouro_train.export.hf_dir import (
 )
 from ouro_train.export.model_card import CardFacts, run_facts, write_model_card
 from ouro_train.model import OuroConfig, OuroForCausalLM
+from ouro_train.run_dir import trainer_state_file
 
 MODES = ("full", "merge", "adapter_only")
 
@@ -39,13 +41,14 @@ def export_run(
     out_dir: str | Path,
     checkpoint: str | Path | None = None,
     mode: str | None = None,
-    dtype: str = "bf16",
+    dtype: str = "auto",
     *,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     remote_code_dir: str | Path | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Export `checkpoint` (default: the run's newest complete one) of the training run at `run_dir`."""
+    """Export `checkpoint` (default: the run's newest complete one) of the training run at `run_dir`.
+    `dtype` bf16, fp32, or auto: the run's `export.dtype`, whose own auto is the precision it trained in."""
     run = TrainingRun.open(run_dir)
     mode = _resolve_mode(mode, run.lora_config is not None, f"run {run.root}",
                          f"{run.layout.adapter_config_file} not found")
@@ -53,6 +56,7 @@ def export_run(
     out_dir = _check_out_dir(out_dir, overwrite)
     checkpoint = Path(checkpoint) if checkpoint is not None else run.newest_checkpoint()
     check_complete(checkpoint)
+    dtype = _run_dtype(checkpoint) if dtype == "auto" else dtype
     model = _skeleton(run.config, run.lora_config)
     state = consolidated_state_dict(checkpoint, model.state_dict().keys())
     _assign(model, state, f"checkpoint {checkpoint}")
@@ -71,6 +75,14 @@ def serving_note(run_dir: str | Path, out_dir: str | Path, remote_code_dir: str 
             f"configuration_ouro.py and modeling_ouro.py: ouro-export --run {run_dir} --out {out_dir} --overwrite "
             f"--remote-code DIR (DIR: a downloaded upstream checkpoint such as ByteDance/Ouro-1.4B), or train "
             f"with export.remote_code=DIR")
+
+
+def _run_dtype(checkpoint: Path) -> str:
+    """The export dtype a run asked for (`export.dtype`), else the precision it trained in, as its
+    checkpoint's trainer_state.json records them (bf16 for runs that recorded neither)."""
+    state = json.loads(trainer_state_file(checkpoint).read_text())
+    asked = state.get("config", {}).get("export", {}).get("dtype", "auto")
+    return asked if asked != "auto" else state.get("precision", "bf16")
 
 
 def export_model(

@@ -156,12 +156,16 @@ def init_distributed() -> tuple[int, int, int]:
     """Join (or, in a plain single process, create) the process group; returns (rank, local_rank, world)."""
     import deepspeed
 
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
     if "RANK" not in os.environ:  # a plain `ouro-train` process: a group of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_PORT", str(free_port()))  # DeepSpeed asks for it; nothing listens on it
+        if not dist.is_initialized():
+            # An in-process store: a port taken between choosing and binding it (EADDRINUSE) cannot happen.
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    if not dist.is_initialized() or not deepspeed.comm.is_initialized():
         skip_shm_comm_op()  # a JIT-built op training never uses (see train/jit_ops.py)
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        deepspeed.init_distributed(dist_backend=backend)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)

@@ -444,6 +444,7 @@ class Trainer:
 
     def save(self) -> Path:
         metadata = {"world_size": self.world, "total_steps": self.total_steps, "config": to_plain_dict(self.cfg),
+                    "precision": "bf16" if bf16_enabled(self.cfg.deepspeed) else "fp32",  # export.dtype=auto
                     **self.resume_check.metadata()}
         path = checkpoint.save(self.engine, self.run_dir, self.state, metadata, keep_last=self.cfg.checkpoint.keep_last)
         self._last_save = time.monotonic()

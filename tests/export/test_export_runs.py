@@ -106,7 +106,7 @@ def test_explicit_checkpoint_and_bf16(runs, tmp_path):
     fp32 = export_run(run, tmp_path / "fp32", checkpoint=run / "checkpoints" / "step-00000001", dtype="fp32")
     ref = _reference(run, 1)
     assert_instances_agree(_logits(AutoModelForCausalLM.from_pretrained(fp32), ref["input_ids"]), ref["logits"])
-    bf16 = export_run(run, tmp_path / "bf16", checkpoint=run / "checkpoints" / "step-00000001")
+    bf16 = export_run(run, tmp_path / "bf16", checkpoint=run / "checkpoints" / "step-00000001", dtype="bf16")
     weights32, weights16 = load_file(fp32 / "model.safetensors"), load_file(bf16 / "model.safetensors")
     assert weights16.keys() == weights32.keys()
     for name, tensor in weights16.items():

@@ -77,7 +77,7 @@ def test_a_crafted_checkpoint_file_is_refused_on_resume(reference, data_cache, t
             "rank_state": rank_state_file(step6, 0)}[victim]
     marker = tmp_path / "code-ran"
     plant(file, marker)
-    status = ouro_train(monkeypatch, *overrides(run, data_cache, "max_steps=8"))
+    status = ouro_train(monkeypatch, *overrides(run, data_cache, "max_steps=8", "resume_allow_changes=[max_steps]"))
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert not marker.exists(), "the checkpoint's code ran"
     assert status == 1 and last.startswith(f"error: {file}: refused to load: ") and "posix.system" in last, last
