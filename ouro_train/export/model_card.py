@@ -65,7 +65,9 @@ def run_facts(run_root: Path, checkpoint: Path, facts: CardFacts) -> CardFacts:
     if step is not None and metrics.is_file():
         records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
         records = [r for r in records if r.get("step", 0) <= step]
-        facts.train_record = next((r for r in reversed(records) if r.get("split", "train") == "train"), None)
+        # the last train record with per-step losses (logged every train.log_every steps)
+        facts.train_record = next((r for r in reversed(records) if r.get("split", "train") == "train"
+                                   and "loss_step1" in r), None)
         facts.eval_record = next((r for r in reversed(records) if r.get("split") == "eval"), None)
     return facts
 

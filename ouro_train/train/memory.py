@@ -345,12 +345,14 @@ def resolve_auto(run: RunConfig, config: OuroConfig, world_size: int, gpu_gib: f
 
 def choose_checkpointing(table: dict[str, dict], gpu_gib: float) -> str:
     """`model.checkpointing=auto`: of the policies whose estimated peak fits `gpu_gib`, the one that
-    executes the fewest FLOPs (then the smaller peak); when none fits, the smallest peak, so the
-    error is an out-of-memory the estimate foresaw."""
+    executes the fewest FLOPs; on a tie the one listed first in `CHECKPOINT_GRANULARITIES` (the
+    FLOP count leaves out elementwise work, which `layer:save_matmul` still recomputes and `none`
+    does not). When none fits, the smallest peak, so the error is an out-of-memory the estimate foresaw."""
     fitting = [p for p, row in table.items() if fits(row["peak"], gpu_gib)]
     if not fitting:
         return min(table, key=lambda p: table[p]["peak"])
-    return min(fitting, key=lambda p: (table[p]["executed_flops_per_token"], table[p]["peak"]))
+    order = {p: i for i, p in enumerate(CHECKPOINT_GRANULARITIES)}
+    return min(fitting, key=lambda p: (round(table[p]["executed_flops_per_token"], -3), order.get(p, len(order))))
 
 
 def explain_choice(table: dict[str, dict], chosen: str, gpu_gib: float) -> str:

@@ -112,7 +112,7 @@ def test_the_memory_estimate_holds_the_mask_of_the_whole_row(monkeypatch):
     held += [cell.cell_contents for cell in mask.mask_mod.__closure__ if isinstance(cell.cell_contents, torch.Tensor)]
     assert document_block_mask_bytes(2, 657) == sum(t.untyped_storage().nbytes() for t in held)
     # Every rank of a sequence-parallel group holds the mask of the whole row, above the traced activations.
-    monkeypatch.setattr(memory, "activation_peak_bytes", lambda *args, **kwargs: 0)
+    monkeypatch.setattr(memory, "trace_step", lambda *args, **kwargs: memory.StepTrace(0, 0.0))
     shape = memory.StepShape(seq_len=65536, micro_batch_size=2, sequence_parallel=4)
     estimate = memory.step_memory(tiny_config(), shape, DeepSpeedConfig(zero_stage=2), world_size=4)
     assert estimate["activations"] == document_block_mask_bytes(2, 65536)

@@ -36,7 +36,8 @@ def test_the_plan_traces_the_step_the_trainer_runs(calls):
     assert calls == ["make_trainable", "micro_batch_objective"]
 
     calls.clear()
-    trainer = SimpleNamespace(cfg=run, tokenizer=range(config.vocab_size), _checkpointing=lambda c: "layer")
+    trainer = SimpleNamespace(cfg=run, tokenizer=range(config.vocab_size), _checkpointing=lambda c: "layer",
+                              device=torch.device("cpu"))
     model = Trainer._build_model(trainer)
     assert calls == ["make_trainable"] and model.model.activation_checkpointing == "layer"
     built = {k: v for k, v in model.config.to_diff_dict().items() if k != "dtype"}  # the dtype is the run's
