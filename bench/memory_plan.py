@@ -63,14 +63,14 @@ def main() -> None:
     args.json.write_text(json.dumps(record, indent=2) + "\n")
     print(f"\nZeRO-{args.zero}, {args.gpus} GPUs, micro-batch 1, bf16, expected_logits; peak GiB per GPU "
           f"(+1.5 GiB CUDA context) and executed ÷ model FLOPs; baseline {BASELINE} ({args.json})")
-    policies = "".join(f"{p:>20}" for p in CHECKPOINT_GRANULARITIES)
+    policies = "".join(f"{p:>24}" for p in CHECKPOINT_GRANULARITIES)
     print(f"{'model':>6} {'seq':>6} {'SP':>3}{policies}   " + "  ".join(f"auto@{g:g}" for g in args.budgets))
     for size in args.sizes:
         for seq, sp in cases:
             cells = {r["policy"]: r for r in rows if (r["size"], r["seq"], r["sp"]) == (size, seq, sp) and "ratio" in r}
             autos = [r for r in rows if (r["size"], r["seq"], r["sp"]) == (size, seq, sp) and "auto_at_gib" in r]
             print(f"{size:>6} {seq:>6} {sp:>3}" + "".join(
-                f"{cells[p]['peak_gib']:>11.1f} / {cells[p]['ratio']:>5.3f}" for p in CHECKPOINT_GRANULARITIES)
+                f"{cells[p]['peak_gib']:>16.1f} / {cells[p]['ratio']:>5.3f}" for p in CHECKPOINT_GRANULARITIES)
                 + "   " + "  ".join(f"{r['policy'] if r['fits'] else '(none fits)':>8}" for r in autos))
 
 

@@ -59,9 +59,8 @@ from ouro_train.config import DeepSpeedConfig, LoraConfig, ObjectiveConfig, Opti
 from ouro_train.model import OuroForCausalLM
 from ouro_train.model.flops import model_flops_utilization, training_flops_per_token
 from ouro_train.model.sequence_parallel import AllToAllTimer
+from ouro_train.train import trainable
 from ouro_train.train.engine import build_ds_config, init_distributed, param_groups, sequence_parallel_group
-from ouro_train.train.lora import apply_lora
-from ouro_train.train.objectives import compute_objective
 
 VARIANTS = ("baseline", "ours", "ours_lora", "ours_sp")
 # Memory an engine may leave behind after its row (allocator rounding, caches of a few kernels).
@@ -76,20 +75,16 @@ def default_checkpointing(seq: int) -> str:
 
 # ------------------------------------------------------------------ what trains (one place per model)
 def ours_model_and_loss(row: Row, config, sp=None) -> tuple[torch.nn.Module, LossFn]:
-    """Our model as `ouro-train` builds it (checkpointing, compile, LoRA) and its forward + objective
-    on a packed micro-batch."""
-    model = OuroForCausalLM(config)
-    model.set_activation_checkpointing(row.checkpointing)
-    if row.compile:
-        model.compile_layers()
-    if row.lora:
-        model = apply_lora(model, LoraConfig(enabled=True, r=16, alpha=32, dropout=0.0))
+    """Our model as `ouro-train` builds it and its forward + objective on a packed micro-batch: the
+    trainer's own code (train/trainable.py), with the row's checkpointing, compile and LoRA."""
+    objective = ObjectiveConfig()
+    lora = LoraConfig(enabled=row.lora, r=16, alpha=32, dropout=0.0)
+    model = trainable.make_trainable(OuroForCausalLM(config), row.checkpointing, lora, objective, compile=row.compile)
 
     def loss(engine, ids, positions, labels):
-        kwargs = {} if sp is None else {"sequence_parallel": sp}
-        out = engine(ids, position_ids=positions, use_cache=False, compute_logits=False, **kwargs)
-        labels = labels if sp is None else sp.shard_labels(labels)
-        obj = compute_objective(ObjectiveConfig(), out, labels, engine.module.get_output_embeddings())
+        batch = {"input_ids": ids, "labels": labels, "position_ids": positions}
+        obj = trainable.micro_batch_objective(engine, engine.module.get_output_embeddings(), batch, objective,
+                                              ids.device, sequence_parallel=sp, step_losses=False)
         return obj.loss_sum / obj.num_tokens.clamp_min(1)
 
     return model, loss
