@@ -5,7 +5,6 @@ The answers that need no model must come before torch and transformers are impor
 appear at once): checked in a fresh interpreter through sys.modules, never with a clock."""
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path

@@ -2,7 +2,6 @@
 never DeepSpeed's FusedAdam, which is compiled at start-up and dies on an image without nvcc."""
 
 import deepspeed
-import pytest
 import torch
 
 from ouro_train.config import DeepSpeedConfig, OptimConfig

@@ -5,7 +5,6 @@ change the trajectory on purpose, and then the change is applied and recorded.""
 
 import json
 import math
-import shutil
 
 import pytest
 
